@@ -1,0 +1,826 @@
+//! The control plane over one reactor: leaves and volumes by name, table lifecycle
+//! (create, load, suspend, resume, reload, remove), info/table/status/message/deps/wait,
+//! and synchronous I/O helpers for the library API and tests.
+
+use crate::bio::{BioFlags, Op};
+use crate::buf::DataBuf;
+use crate::leaf::Leaf;
+use crate::limits::Limits;
+use crate::reactor::{Completion, Reactor, ReactorConfig, Request};
+use crate::status::Status;
+use crate::table::{Table, TableError};
+use crate::target::{DevInfo, DeviceLookup, TargetRegistry};
+use crate::{DevId, Sector, SECTOR_SIZE};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Control-path errors: what, where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("device '{0}' does not exist")]
+    NoDevice(String),
+    #[error("device '{0}' already exists")]
+    Exists(String),
+    #[error(
+        "'{0}' is not a valid device name (letters, digits, '_', '-', '.'; starts with a letter)"
+    )]
+    BadName(String),
+    #[error("volume '{name}': table refused: {source}")]
+    Table {
+        name: String,
+        #[source]
+        source: TableError,
+    },
+    #[error("'{name}' is busy: {reason}")]
+    Busy { name: String, reason: String },
+    #[error("'{name}': {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+impl EngineError {
+    fn invalid(name: &str, reason: impl Into<String>) -> EngineError {
+        EngineError::Invalid {
+            name: name.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How to suspend.
+#[derive(Clone, Copy, Debug)]
+pub struct SuspendOpts {
+    /// Keep I/O queued inside targets (multipath) instead of flushing it out first.
+    pub noflush: bool,
+    /// Resume by itself after this long, with a warning; `None` waits for `resume` forever.
+    pub deadline: Option<Duration>,
+    /// Give up (and stay active) if in-flight I/O does not drain within this time.
+    pub drain_timeout: Duration,
+}
+
+impl Default for SuspendOpts {
+    fn default() -> Self {
+        SuspendOpts {
+            noflush: false,
+            deadline: Some(Duration::from_secs(60)),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Event counter of a volume (`dmsetup wait`); targets raise it on state changes.
+#[derive(Debug, Default)]
+pub struct Events {
+    nr: AtomicU64,
+}
+
+impl Events {
+    pub fn raise(&self) {
+        self.nr.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn nr(&self) -> u64 {
+        self.nr.load(Ordering::Acquire)
+    }
+}
+
+/// `dmsetup info`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub dev: DevId,
+    pub suspended: bool,
+    pub live_table: bool,
+    pub inactive_table: bool,
+    pub open_count: u32,
+    pub event_nr: u64,
+    pub size: Sector,
+    pub targets: usize,
+}
+
+#[derive(Debug)]
+struct LeafEntry {
+    name: String,
+    leaf: Arc<dyn Leaf>,
+}
+
+#[derive(Debug)]
+struct VolumeEntry {
+    name: String,
+    active: Option<Arc<Table>>,
+    inactive: Option<Arc<Table>>,
+    suspended: Option<Option<Instant>>,
+    events: Arc<Events>,
+    open_count: u32,
+}
+
+#[derive(Debug)]
+enum DevEntry {
+    Free,
+    Leaf(LeafEntry),
+    Volume(VolumeEntry),
+}
+
+impl DevEntry {
+    fn name(&self) -> Option<&str> {
+        match self {
+            DevEntry::Free => None,
+            DevEntry::Leaf(l) => Some(&l.name),
+            DevEntry::Volume(v) => Some(&v.name),
+        }
+    }
+}
+
+/// Device lookup over the registry, for table construction.
+struct Lookup<'a> {
+    devs: &'a [DevEntry],
+    names: &'a BTreeMap<String, DevId>,
+}
+
+impl Lookup<'_> {
+    fn info(&self, id: DevId) -> Option<DevInfo> {
+        match self.devs.get(id.0 as usize)? {
+            DevEntry::Free => None,
+            DevEntry::Leaf(l) => Some(DevInfo {
+                id,
+                size: l.leaf.size(),
+                limits: l.leaf.limits(),
+            }),
+            DevEntry::Volume(v) => Some(match &v.active {
+                Some(t) => DevInfo {
+                    id,
+                    size: t.size(),
+                    limits: *t.limits(),
+                },
+                None => DevInfo {
+                    id,
+                    size: 0,
+                    limits: Limits::TOP,
+                },
+            }),
+        }
+    }
+
+    /// Devices a volume maps onto, through its live and its inactive table.
+    fn children(&self, id: DevId) -> Vec<DevId> {
+        match self.devs.get(id.0 as usize) {
+            Some(DevEntry::Volume(v)) => {
+                let mut out = Vec::new();
+                for t in v.active.iter().chain(v.inactive.iter()) {
+                    out.extend(t.devices());
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl DeviceLookup for Lookup<'_> {
+    fn lookup(&self, name: &str) -> Option<DevInfo> {
+        self.info(*self.names.get(name)?)
+    }
+
+    fn lookup_id(&self, id: DevId) -> Option<DevInfo> {
+        self.info(id)
+    }
+
+    fn reaches(&self, from: DevId, to: DevId) -> bool {
+        // Iterative DFS: the graph is small and acyclic by construction.
+        let mut stack = vec![from];
+        let mut seen = Vec::new();
+        while let Some(d) = stack.pop() {
+            if d == to {
+                return true;
+            }
+            if !seen.contains(&d) {
+                seen.push(d);
+                stack.extend(self.children(d));
+            }
+        }
+        false
+    }
+}
+
+/// Checks a device name: it is used in tables, so it must be one token and not a number.
+pub fn valid_name(name: &str) -> bool {
+    let mut b = name.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+        && name.len() <= 128
+}
+
+/// Leaves, volumes and one reactor.
+pub struct Engine {
+    targets: TargetRegistry,
+    devs: Vec<DevEntry>,
+    names: BTreeMap<String, DevId>,
+    reactor: Reactor,
+    next_tag: u64,
+    suspended_count: usize,
+}
+
+/// Tags of the synchronous helpers live in the upper half so they never collide with a
+/// caller's own tags.
+const SYNC_TAG_BASE: u64 = 1 << 63;
+
+impl Engine {
+    pub fn new(targets: TargetRegistry, cfg: ReactorConfig) -> Engine {
+        Engine {
+            targets,
+            devs: Vec::new(),
+            names: BTreeMap::new(),
+            reactor: Reactor::new(cfg),
+            next_tag: SYNC_TAG_BASE,
+            suspended_count: 0,
+        }
+    }
+
+    pub fn reactor(&self) -> &Reactor {
+        &self.reactor
+    }
+
+    pub fn reactor_mut(&mut self) -> &mut Reactor {
+        &mut self.reactor
+    }
+
+    pub fn targets(&self) -> &TargetRegistry {
+        &self.targets
+    }
+
+    fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            devs: &self.devs,
+            names: &self.names,
+        }
+    }
+
+    fn alloc_dev(&mut self, name: &str) -> Result<DevId, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::BadName(name.to_string()));
+        }
+        if self.names.contains_key(name) {
+            return Err(EngineError::Exists(name.to_string()));
+        }
+        let id = match self.devs.iter().position(|d| matches!(d, DevEntry::Free)) {
+            Some(i) => DevId(i as u32),
+            None => {
+                self.devs.push(DevEntry::Free);
+                DevId(self.devs.len() as u32 - 1)
+            }
+        };
+        self.names.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    pub fn dev_id(&self, name: &str) -> Result<DevId, EngineError> {
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::NoDevice(name.to_string()))
+    }
+
+    pub fn dev_name(&self, id: DevId) -> Option<&str> {
+        self.devs.get(id.0 as usize)?.name()
+    }
+
+    fn volume(&self, name: &str) -> Result<(DevId, &VolumeEntry), EngineError> {
+        let id = self.dev_id(name)?;
+        match &self.devs[id.0 as usize] {
+            DevEntry::Volume(v) => Ok((id, v)),
+            _ => Err(EngineError::invalid(name, "is a leaf, not a volume")),
+        }
+    }
+
+    fn volume_mut(&mut self, id: DevId) -> &mut VolumeEntry {
+        match &mut self.devs[id.0 as usize] {
+            DevEntry::Volume(v) => v,
+            _ => unreachable!("checked by volume()"),
+        }
+    }
+
+    /// Adds a leaf device.
+    pub fn add_leaf(&mut self, name: &str, leaf: Arc<dyn Leaf>) -> Result<DevId, EngineError> {
+        let id = self.alloc_dev(name)?;
+        let lbs = leaf.limits().logical_block_sectors();
+        self.reactor
+            .install_leaf(id, leaf.channel(), leaf.size(), lbs);
+        self.devs[id.0 as usize] = DevEntry::Leaf(LeafEntry {
+            name: name.to_string(),
+            leaf,
+        });
+        Ok(id)
+    }
+
+    /// Removes a leaf no table uses.
+    pub fn remove_leaf(&mut self, name: &str) -> Result<(), EngineError> {
+        let id = self.dev_id(name)?;
+        if !matches!(self.devs[id.0 as usize], DevEntry::Leaf(_)) {
+            return Err(EngineError::invalid(
+                name,
+                "is a volume, not a leaf (use remove)",
+            ));
+        }
+        if let Some(user) = self.users(id).first() {
+            return Err(EngineError::Busy {
+                name: name.into(),
+                reason: format!("used by volume '{user}'"),
+            });
+        }
+        self.reactor.remove(id);
+        self.devs[id.0 as usize] = DevEntry::Free;
+        self.names.remove(name);
+        Ok(())
+    }
+
+    /// Volumes whose live or inactive table maps onto `id`.
+    fn users(&self, id: DevId) -> Vec<String> {
+        let lk = self.lookup();
+        self.devs
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| {
+                matches!(d, DevEntry::Volume(_)) && lk.children(DevId(*i as u32)).contains(&id)
+            })
+            .filter_map(|(_, d)| d.name().map(str::to_string))
+            .collect()
+    }
+
+    /// Creates a volume, empty or with a live table.
+    pub fn create(&mut self, name: &str, table: Option<&str>) -> Result<DevId, EngineError> {
+        // Build the table before the name exists, so a bad table leaves nothing behind.
+        let built = match table {
+            Some(text) => Some(self.build_table(name, None, text)?),
+            None => None,
+        };
+        let id = self.alloc_dev(name)?;
+        self.reactor.install_volume(id);
+        self.devs[id.0 as usize] = DevEntry::Volume(VolumeEntry {
+            name: name.to_string(),
+            active: None,
+            inactive: None,
+            suspended: None,
+            events: Arc::new(Events::default()),
+            open_count: 0,
+        });
+        if let Some(t) = built {
+            let t = Arc::new(t);
+            self.reactor.set_table(id, Some(t.clone()));
+            self.volume_mut(id).active = Some(t);
+            self.notify_pools();
+        }
+        Ok(id)
+    }
+
+    fn build_table(
+        &self,
+        name: &str,
+        this: Option<DevId>,
+        text: &str,
+    ) -> Result<Table, EngineError> {
+        let lk = self.lookup();
+        Table::build(text, &self.targets, &lk, this.map(|id| (id, name))).map_err(|source| {
+            EngineError::Table {
+                name: name.to_string(),
+                source,
+            }
+        })
+    }
+
+    /// Checks a table against the current devices without loading it anywhere.
+    pub fn check_table(&self, text: &str) -> Result<Table, TableError> {
+        Table::build(text, &self.targets, &self.lookup(), None)
+    }
+
+    /// Loads a table into the inactive slot; the live table is untouched.
+    pub fn load(&mut self, name: &str, text: &str) -> Result<(), EngineError> {
+        let (id, _) = self.volume(name)?;
+        let t = self.build_table(name, Some(id), text)?;
+        self.volume_mut(id).inactive = Some(Arc::new(t));
+        Ok(())
+    }
+
+    /// Drops the inactive table.
+    pub fn clear(&mut self, name: &str) -> Result<(), EngineError> {
+        let (id, _) = self.volume(name)?;
+        self.volume_mut(id).inactive = None;
+        Ok(())
+    }
+
+    /// Suspends: new I/O is held (not failed), in-flight I/O drains.
+    pub fn suspend(&mut self, name: &str, opts: SuspendOpts) -> Result<(), EngineError> {
+        let (id, v) = self.volume(name)?;
+        if v.suspended.is_some() {
+            return Ok(());
+        }
+        if let Some(t) = &v.active {
+            for e in t.entries() {
+                e.target.presuspend(opts.noflush);
+            }
+        }
+        self.reactor.suspend(id);
+        let start = Instant::now();
+        while self.reactor.inflight(id) > 0 {
+            if self.reactor.poll() == 0 {
+                std::thread::yield_now();
+            }
+            if start.elapsed() > opts.drain_timeout {
+                let n = self.reactor.inflight(id);
+                self.reactor.resume(id);
+                return Err(EngineError::invalid(
+                    name,
+                    format!(
+                        "suspend gave up: {n} I/Os still in flight after {:?}; volume left active",
+                        opts.drain_timeout
+                    ),
+                ));
+            }
+        }
+        self.volume_mut(id).suspended = Some(opts.deadline.map(|d| Instant::now() + d));
+        self.suspended_count += 1;
+        Ok(())
+    }
+
+    /// Resumes: swaps in the inactive table if there is one (suspending first if needed), then
+    /// lets held I/O go.
+    pub fn resume(&mut self, name: &str) -> Result<(), EngineError> {
+        let (id, v) = self.volume(name)?;
+        if v.inactive.is_some() {
+            if v.suspended.is_none() {
+                self.suspend(name, SuspendOpts::default())?;
+            }
+            let v = self.volume_mut(id);
+            let t = v.inactive.take();
+            v.active = t.clone();
+            v.events.raise();
+            self.reactor.set_table(id, t);
+            self.notify_pools();
+        }
+        let v = self.volume_mut(id);
+        if v.suspended.take().is_some() {
+            self.suspended_count -= 1;
+        }
+        self.reactor.resume(id);
+        Ok(())
+    }
+
+    /// load + suspend + resume.
+    pub fn reload(&mut self, name: &str, text: &str) -> Result<(), EngineError> {
+        self.load(name, text)?;
+        self.suspend(name, SuspendOpts::default())?;
+        self.resume(name)
+    }
+
+    /// Removes a volume; refused while another table uses it, or while open unless `force`.
+    pub fn remove(&mut self, name: &str, force: bool) -> Result<(), EngineError> {
+        let (id, v) = self.volume(name)?;
+        if let Some(user) = self.users(id).first() {
+            return Err(EngineError::Busy {
+                name: name.into(),
+                reason: format!("used by volume '{user}'"),
+            });
+        }
+        if v.open_count > 0 && !force {
+            return Err(EngineError::Busy {
+                name: name.into(),
+                reason: format!("open {} times", v.open_count),
+            });
+        }
+        if v.suspended.is_none() {
+            self.suspend(
+                name,
+                SuspendOpts {
+                    deadline: None,
+                    ..SuspendOpts::default()
+                },
+            )?;
+        }
+        if self.volume_mut(id).suspended.is_some() {
+            self.suspended_count -= 1;
+        }
+        self.reactor.remove(id);
+        self.devs[id.0 as usize] = DevEntry::Free;
+        self.names.remove(name);
+        self.notify_pools();
+        Ok(())
+    }
+
+    /// Counts an opener (exports, library handles); `remove` refuses open volumes.
+    pub fn open(&mut self, name: &str) -> Result<DevId, EngineError> {
+        let id = self.dev_id(name)?;
+        if let DevEntry::Volume(v) = &mut self.devs[id.0 as usize] {
+            v.open_count += 1;
+        }
+        Ok(id)
+    }
+
+    pub fn close(&mut self, id: DevId) {
+        if let Some(DevEntry::Volume(v)) = self.devs.get_mut(id.0 as usize) {
+            v.open_count = v.open_count.saturating_sub(1);
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Result<VolumeInfo, EngineError> {
+        let (id, v) = self.volume(name)?;
+        Ok(VolumeInfo {
+            name: v.name.clone(),
+            dev: id,
+            suspended: v.suspended.is_some(),
+            live_table: v.active.is_some(),
+            inactive_table: v.inactive.is_some(),
+            open_count: v.open_count,
+            event_nr: v.events.nr(),
+            size: v.active.as_ref().map_or(0, |t| t.size()),
+            targets: v.active.as_ref().map_or(0, |t| t.entries().len()),
+        })
+    }
+
+    /// The live (or inactive) table as canonical text.
+    pub fn table(&self, name: &str, inactive: bool) -> Result<String, EngineError> {
+        let (_, v) = self.volume(name)?;
+        let t = if inactive { &v.inactive } else { &v.active };
+        Ok(t.as_ref().map(|t| t.to_string()).unwrap_or_default())
+    }
+
+    pub fn live_table(&self, name: &str) -> Result<Option<Arc<Table>>, EngineError> {
+        Ok(self.volume(name)?.1.active.clone())
+    }
+
+    pub fn status(&self, name: &str) -> Result<String, EngineError> {
+        let (_, v) = self.volume(name)?;
+        Ok(v.active
+            .as_ref()
+            .map(|t| t.status_text())
+            .unwrap_or_default())
+    }
+
+    /// `dmsetup message NAME SECTOR MSG...`: to the target holding `sector`.
+    pub fn message(
+        &mut self,
+        name: &str,
+        sector: Sector,
+        argv: &[&str],
+    ) -> Result<String, EngineError> {
+        let (_, v) = self.volume(name)?;
+        let t = v
+            .active
+            .as_ref()
+            .ok_or_else(|| EngineError::invalid(name, "no live table"))?;
+        if sector >= t.size() {
+            return Err(EngineError::invalid(
+                name,
+                format!("sector {sector} is past the end ({})", t.size()),
+            ));
+        }
+        let e = &t.entries()[t.find(sector)];
+        e.target
+            .message(argv)
+            .map_err(|r| EngineError::invalid(name, r))
+    }
+
+    /// Names of the devices a volume's live table maps onto.
+    pub fn deps(&self, name: &str) -> Result<Vec<String>, EngineError> {
+        let (_, v) = self.volume(name)?;
+        Ok(v.active
+            .iter()
+            .flat_map(|t| t.devices())
+            .filter_map(|d| self.dev_name(d).map(str::to_string))
+            .collect())
+    }
+
+    /// Blocks until the volume's event counter passes `event_nr` (or the timeout); returns it.
+    pub fn wait(
+        &mut self,
+        name: &str,
+        event_nr: u64,
+        timeout: Duration,
+    ) -> Result<u64, EngineError> {
+        let (_, v) = self.volume(name)?;
+        let ev = v.events.clone();
+        let start = Instant::now();
+        while ev.nr() <= event_nr && start.elapsed() < timeout {
+            if self.poll() == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(ev.nr())
+    }
+
+    pub fn events(&self, name: &str) -> Result<Arc<Events>, EngineError> {
+        Ok(self.volume(name)?.1.events.clone())
+    }
+
+    /// Names of all devices: (name, is_volume).
+    pub fn ls(&self) -> Vec<(String, bool)> {
+        self.names
+            .iter()
+            .map(|(n, id)| {
+                (
+                    n.clone(),
+                    matches!(self.devs[id.0 as usize], DevEntry::Volume(_)),
+                )
+            })
+            .collect()
+    }
+
+    /// Leaves by name.
+    pub fn leaf(&self, name: &str) -> Result<Arc<dyn Leaf>, EngineError> {
+        match &self.devs[self.dev_id(name)?.0 as usize] {
+            DevEntry::Leaf(l) => Ok(l.leaf.clone()),
+            _ => Err(EngineError::invalid(name, "is a volume, not a leaf")),
+        }
+    }
+
+    /// `ls --tree`: each top volume and what it stacks on, indented.
+    pub fn tree(&self) -> String {
+        let mut out = String::new();
+        let used: Vec<DevId> = self
+            .devs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, _)| self.lookup().children(DevId(i as u32)))
+            .collect();
+        for (name, id) in &self.names {
+            if !used.contains(id) {
+                self.tree_node(*id, 0, &mut out);
+            }
+            let _ = name;
+        }
+        out
+    }
+
+    fn tree_node(&self, id: DevId, depth: usize, out: &mut String) {
+        let name = self.dev_name(id).unwrap_or("?");
+        let kind = match &self.devs[id.0 as usize] {
+            DevEntry::Leaf(l) => l.leaf.kind(),
+            _ => "volume",
+        };
+        out.push_str(&format!("{}{} ({kind})\n", "  ".repeat(depth), name));
+        if depth < crate::bio::MAX_FRAMES {
+            for c in self.lookup().children(id) {
+                self.tree_node(c, depth + 1, out);
+            }
+        }
+    }
+
+    /// Size and limits of any device.
+    pub fn dev_info(&self, name: &str) -> Result<DevInfo, EngineError> {
+        self.lookup()
+            .lookup(name)
+            .ok_or_else(|| EngineError::NoDevice(name.to_string()))
+    }
+
+    /// Seed 000: after a table change, tell the pools the deepest stacked frame need.
+    fn notify_pools(&mut self) {
+        let need = self
+            .devs
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| matches!(d, DevEntry::Volume(_)))
+            .map(|(i, _)| self.stacked_need(DevId(i as u32), 0))
+            .max()
+            .unwrap_or(0);
+        self.reactor.notify_frame_bytes(need);
+    }
+
+    /// Frame bytes an I/O entering `id` needs with the live tables as they are now (a lower
+    /// reload may have grown what the upper table computed when it was built).
+    fn stacked_need(&self, id: DevId, depth: usize) -> usize {
+        let Some(DevEntry::Volume(v)) = self.devs.get(id.0 as usize) else {
+            return 0;
+        };
+        let Some(t) = &v.active else { return 0 };
+        if depth > crate::bio::MAX_FRAMES {
+            return 0;
+        }
+        let own = crate::table::SPLIT_FRAME_BYTES.div_ceil(8) * 8;
+        own + t
+            .entries()
+            .iter()
+            .map(|e| {
+                e.target.frame_bytes().div_ceil(8) * 8
+                    + e.target
+                        .devices()
+                        .iter()
+                        .map(|&d| self.stacked_need(d, depth + 1))
+                        .max()
+                        .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Runs the reactor once, and resumes volumes whose suspend deadline passed.
+    pub fn poll(&mut self) -> usize {
+        let n = self.reactor.poll();
+        if self.suspended_count > 0 {
+            self.expire_suspends();
+        }
+        n
+    }
+
+    fn expire_suspends(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .devs
+            .iter()
+            .filter_map(|d| match d {
+                DevEntry::Volume(v) if matches!(v.suspended, Some(Some(t)) if t <= now) => {
+                    Some(v.name.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for name in expired {
+            tracing::warn!(volume = %name, "suspend deadline passed; resuming by itself");
+            let _ = self.resume(&name);
+        }
+    }
+
+    /// Starts a top-level I/O; its completion comes back through `reap`.
+    pub fn submit(&mut self, req: &Request) -> Result<(), Status> {
+        self.reactor.submit(req)
+    }
+
+    pub fn reap(&mut self) -> Option<Completion> {
+        self.reactor.reap()
+    }
+
+    /// Runs one I/O to completion on this thread (interrupt-free: the reactor runs inline).
+    pub fn io(&mut self, mut req: Request) -> Status {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        req.user_data = tag;
+        loop {
+            match self.reactor.submit(&req) {
+                Ok(()) => break,
+                Err(Status::Again) if !req.flags.contains(BioFlags::NOWAIT) => {
+                    self.poll();
+                }
+                Err(s) => return s,
+            }
+        }
+        loop {
+            if let Some(c) = self.reactor.reap_tag(tag) {
+                return c.status;
+            }
+            if self.poll() == 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    pub fn read_at(&mut self, dev: DevId, sector: Sector, buf: &mut [u8]) -> Status {
+        // SAFETY: `buf` stays borrowed until `io` returns, and `io` returns only after the bio and
+        // all its clones completed.
+        let data = unsafe { DataBuf::from_slice(buf) };
+        self.io(Request::new(
+            Op::Read,
+            dev,
+            sector,
+            (buf.len() / SECTOR_SIZE) as u32,
+            data,
+            0,
+        ))
+    }
+
+    pub fn write_at(&mut self, dev: DevId, sector: Sector, buf: &[u8]) -> Status {
+        // SAFETY: as in `read_at`; a write only reads the buffer, so the shared borrow suffices.
+        let data = unsafe { DataBuf::from_raw(buf.as_ptr() as *mut u8, buf.len()) };
+        self.io(Request::new(
+            Op::Write,
+            dev,
+            sector,
+            (buf.len() / SECTOR_SIZE) as u32,
+            data,
+            0,
+        ))
+    }
+
+    pub fn flush(&mut self, dev: DevId) -> Status {
+        self.io(Request::new(Op::Flush, dev, 0, 0, DataBuf::EMPTY, 0))
+    }
+
+    pub fn discard(&mut self, dev: DevId, sector: Sector, sectors: u32) -> Status {
+        self.io(Request::new(
+            Op::Discard,
+            dev,
+            sector,
+            sectors,
+            DataBuf::EMPTY,
+            0,
+        ))
+    }
+
+    pub fn write_zeroes(&mut self, dev: DevId, sector: Sector, sectors: u32) -> Status {
+        self.io(Request::new(
+            Op::WriteZeroes,
+            dev,
+            sector,
+            sectors,
+            DataBuf::EMPTY,
+            0,
+        ))
+    }
+}

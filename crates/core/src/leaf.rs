@@ -1,0 +1,60 @@
+//! Leaves: devices that do real I/O. A leaf is shared by all reactors; each reactor talks to it
+//! through its own channel (its own ring, queue or state), so the data path shares nothing.
+
+use crate::bio::{Bio, BioId, BioPool};
+use crate::limits::Limits;
+use crate::status::Status;
+use crate::Sector;
+use std::collections::VecDeque;
+use std::fmt;
+
+/// A leaf device.
+pub trait Leaf: Send + Sync + fmt::Debug {
+    /// `mem`, `null`, `file`, `nbd`...
+    fn kind(&self) -> &'static str;
+    /// Size in sectors.
+    fn size(&self) -> Sector;
+    fn limits(&self) -> Limits;
+    /// How the leaf was declared (`1GiB`, a path...), for listings and the state file.
+    fn args(&self) -> String;
+    /// A per-reactor channel to this leaf.
+    fn channel(&self) -> Box<dyn LeafChannel>;
+}
+
+/// One reactor's queue to a leaf.
+pub trait LeafChannel: Send {
+    /// Starts a bio. The bio is addressed to this leaf, in range, and its op is supported by
+    /// the op checks of the core. Completion must go through `cx.complete`, never inline upward:
+    /// the reactor runs it later, so the call stack stays flat.
+    fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId);
+
+    /// Reaps finished I/O (for asynchronous leaves). Returns how many completed.
+    fn poll(&mut self, _cx: &mut LeafCx<'_>) -> usize {
+        0
+    }
+
+    /// True if the reactor must call `poll` (the leaf completes asynchronously).
+    fn needs_poll(&self) -> bool {
+        false
+    }
+}
+
+/// What a leaf channel can touch: the bios and the completion queue.
+pub struct LeafCx<'a> {
+    pub(crate) pool: &'a mut BioPool,
+    pub(crate) complete_q: &'a mut VecDeque<BioId>,
+}
+
+impl LeafCx<'_> {
+    #[inline]
+    pub fn bio(&mut self, id: BioId) -> &mut Bio {
+        self.pool.get_mut(id)
+    }
+
+    /// Completes a bio with `status`; the reactor runs the completion from its queue.
+    #[inline]
+    pub fn complete(&mut self, id: BioId, status: Status) {
+        self.pool.get_mut(id).status = status;
+        self.complete_q.push_back(id);
+    }
+}

@@ -1,0 +1,36 @@
+//! stackbd core: the bio and its frame stack, per-reactor pools, limits stacking, dmsetup
+//! tables, targets and leaves as traits, the reactor run loop, and the volume control plane.
+//!
+//! Read `DESIGN.md` (shared) for the vocabulary; names here follow device-mapper's.
+
+pub mod bio;
+pub mod buf;
+pub mod engine;
+pub mod leaf;
+pub mod limits;
+pub mod reactor;
+pub mod status;
+pub mod table;
+pub mod target;
+
+pub use bio::{Bio, BioFlags, BioId, Op};
+pub use buf::DataBuf;
+pub use engine::{Engine, EngineError, SuspendOpts, VolumeInfo};
+pub use leaf::{Leaf, LeafChannel, LeafCx};
+pub use limits::Limits;
+pub use reactor::{Completion, Reactor, ReactorConfig, Request};
+pub use status::Status;
+pub use table::{Table, TableError};
+pub use target::{
+    ArgError, CtorCx, DevRef, Endio, EndioCx, MapCx, MapResult, Target, TargetRegistry,
+};
+
+/// A 512-byte sector number or count.
+pub type Sector = u64;
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: usize = 512;
+
+/// Index of a device (leaf or volume) in an engine; reactors index their state by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DevId(pub u32);

@@ -1,0 +1,721 @@
+//! The reactor: one thread's run loop. It owns its bio pool, its queues and its view of every
+//! device (a leaf channel, or a volume's cached table, suspend state and in-flight count), so the
+//! data path takes no lock and touches no shared counter. Submissions and completions go through
+//! queues and are run to the end by `poll`, so neither ever recurses.
+
+use crate::bio::{BioFlags, BioId, BioPool, FrameFallback, FrameKind, Op};
+use crate::buf::DataBuf;
+use crate::leaf::{LeafChannel, LeafCx};
+use crate::status::Status;
+use crate::table::Table;
+use crate::target::{Endio, EndioCx, MapCx, MapResult};
+use crate::{DevId, Sector, SECTOR_SIZE};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Context of a split frame: the parent's geometry at the split, and the pieces still out.
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct SplitCtx {
+    sector: u64,
+    copy_src: u64,
+    /// Bytes the parent's data window was advanced by the split.
+    data_advanced: u64,
+    sectors: u32,
+    /// Pieces not yet completed: the clones plus the remainder itself.
+    pending: u32,
+    status: u8,
+    _pad: [u8; 7],
+}
+
+impl SplitCtx {
+    fn merge(&mut self, s: Status) {
+        if self.status == 0 {
+            self.status = s as u8;
+        }
+    }
+}
+
+/// One top-level I/O to start.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub op: Op,
+    pub flags: BioFlags,
+    pub dev: DevId,
+    pub sector: Sector,
+    pub sectors: u32,
+    pub copy_src: Sector,
+    pub data: DataBuf,
+    pub user_data: u64,
+}
+
+impl Request {
+    pub fn new(
+        op: Op,
+        dev: DevId,
+        sector: Sector,
+        sectors: u32,
+        data: DataBuf,
+        user_data: u64,
+    ) -> Request {
+        Request {
+            op,
+            flags: BioFlags::NONE,
+            dev,
+            sector,
+            sectors,
+            copy_src: 0,
+            data,
+            user_data,
+        }
+    }
+}
+
+/// A finished top-level I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub user_data: u64,
+    pub status: Status,
+}
+
+/// Reactor counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    pub submitted: u64,
+    pub completed: u64,
+    /// Top-level requests refused before a bio was allocated (bad request or no bio).
+    pub refused: u64,
+    /// Leading pieces cut off by splits (one clone each).
+    pub splits: u64,
+    /// Bios held by a suspended volume.
+    pub held: u64,
+}
+
+/// A reactor's view of one volume.
+#[derive(Debug, Default)]
+struct VolState {
+    table: Option<Arc<Table>>,
+    suspended: bool,
+    inflight: u64,
+    held: VecDeque<BioId>,
+}
+
+struct LeafState {
+    chan: Box<dyn LeafChannel>,
+    size: Sector,
+    lbs_sectors: u32,
+}
+
+enum Slot {
+    Empty,
+    Leaf(LeafState),
+    Volume(VolState),
+}
+
+/// Sizes of a reactor's pools and queues.
+#[derive(Clone, Copy, Debug)]
+pub struct ReactorConfig {
+    /// Bios in the pool (top-level I/O in flight is bounded a little below this).
+    pub pool_capacity: usize,
+    /// Initial frame area per bio; notifications resize it.
+    pub per_io_bytes: usize,
+    /// Extension chunks for frames that do not fit.
+    pub fallback_chunks: usize,
+    pub fallback_chunk_bytes: usize,
+}
+
+impl Default for ReactorConfig {
+    fn default() -> Self {
+        ReactorConfig {
+            pool_capacity: 1024,
+            per_io_bytes: 256,
+            fallback_chunks: 64,
+            fallback_chunk_bytes: 512,
+        }
+    }
+}
+
+pub struct Reactor {
+    pool: BioPool,
+    fallback: FrameFallback,
+    devs: Vec<Slot>,
+    /// Leaves that complete asynchronously and must be polled.
+    pollers: Vec<DevId>,
+    submit_q: VecDeque<BioId>,
+    complete_q: VecDeque<BioId>,
+    done: VecDeque<Completion>,
+    pub stats: ReactorStats,
+}
+
+impl Reactor {
+    pub fn new(cfg: ReactorConfig) -> Reactor {
+        let cap = cfg.pool_capacity.max(16);
+        Reactor {
+            pool: BioPool::new(cap, cfg.per_io_bytes),
+            fallback: FrameFallback::new(cfg.fallback_chunks, cfg.fallback_chunk_bytes),
+            devs: Vec::new(),
+            pollers: Vec::new(),
+            // Every bio is in at most one queue at a time, so pool-sized queues never grow
+            // (the pool itself grows only for clones beyond its reserve).
+            submit_q: VecDeque::with_capacity(cap * 2),
+            complete_q: VecDeque::with_capacity(cap * 2),
+            done: VecDeque::with_capacity(cap * 2),
+            stats: ReactorStats::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &BioPool {
+        &self.pool
+    }
+
+    pub fn fallback(&self) -> &FrameFallback {
+        &self.fallback
+    }
+
+    /// Seed 000's notification: the stacked frame need changed.
+    pub fn notify_frame_bytes(&mut self, per_io_bytes: usize) {
+        self.pool.notify_frame_bytes(per_io_bytes);
+    }
+
+    fn slot_mut(&mut self, dev: DevId) -> &mut Slot {
+        let i = dev.0 as usize;
+        if self.devs.len() <= i {
+            self.devs.resize_with(i + 1, || Slot::Empty);
+        }
+        &mut self.devs[i]
+    }
+
+    fn vol_mut(&mut self, dev: DevId) -> &mut VolState {
+        match self.devs.get_mut(dev.0 as usize) {
+            Some(Slot::Volume(v)) => v,
+            _ => panic!("{dev:?} is not a volume on this reactor"),
+        }
+    }
+
+    pub fn install_leaf(
+        &mut self,
+        dev: DevId,
+        chan: Box<dyn LeafChannel>,
+        size: Sector,
+        lbs_sectors: u32,
+    ) {
+        if chan.needs_poll() {
+            self.pollers.push(dev);
+        }
+        *self.slot_mut(dev) = Slot::Leaf(LeafState {
+            chan,
+            size,
+            lbs_sectors: lbs_sectors.max(1),
+        });
+    }
+
+    pub fn install_volume(&mut self, dev: DevId) {
+        *self.slot_mut(dev) = Slot::Volume(VolState::default());
+    }
+
+    /// Removes a device; bios held for it fail with `Shutdown`.
+    pub fn remove(&mut self, dev: DevId) {
+        let old = std::mem::replace(self.slot_mut(dev), Slot::Empty);
+        self.pollers.retain(|&d| d != dev);
+        if let Slot::Volume(mut v) = old {
+            assert_eq!(v.inflight, 0, "removing a volume with I/O in flight");
+            while let Some(id) = v.held.pop_front() {
+                self.pool.get_mut(id).status = Status::Shutdown;
+                self.complete_q.push_back(id);
+            }
+        }
+    }
+
+    /// Installs a volume's table. Only while it has nothing in flight (suspended and drained, or
+    /// never used), so no bio ever sees two tables.
+    pub fn set_table(&mut self, dev: DevId, table: Option<Arc<Table>>) {
+        let v = self.vol_mut(dev);
+        assert_eq!(v.inflight, 0, "table swap with I/O in flight");
+        v.table = table;
+    }
+
+    /// Holds new I/O for the volume; in-flight I/O goes on and drains.
+    pub fn suspend(&mut self, dev: DevId) {
+        self.vol_mut(dev).suspended = true;
+    }
+
+    /// Lets held I/O go, in arrival order.
+    pub fn resume(&mut self, dev: DevId) {
+        let v = self.vol_mut(dev);
+        v.suspended = false;
+        let held = std::mem::take(&mut v.held);
+        self.submit_q.extend(held);
+    }
+
+    pub fn inflight(&self, dev: DevId) -> u64 {
+        match self.devs.get(dev.0 as usize) {
+            Some(Slot::Volume(v)) => v.inflight,
+            _ => 0,
+        }
+    }
+
+    pub fn held(&self, dev: DevId) -> usize {
+        match self.devs.get(dev.0 as usize) {
+            Some(Slot::Volume(v)) => v.held.len(),
+            _ => 0,
+        }
+    }
+
+    /// Size and logical block (sectors) of a device as this reactor sees it.
+    fn geometry(&self, dev: DevId) -> Option<(Sector, u32)> {
+        match self.devs.get(dev.0 as usize)? {
+            Slot::Leaf(l) => Some((l.size, l.lbs_sectors)),
+            Slot::Volume(v) => Some(match &v.table {
+                Some(t) => (t.size(), t.limits().logical_block_sectors()),
+                None => (0, 1),
+            }),
+            Slot::Empty => None,
+        }
+    }
+
+    /// Checks and queues a top-level I/O. Bad requests and a full pool are refused here, before
+    /// anything is allocated; the caller sees the status at once.
+    pub fn submit(&mut self, req: &Request) -> Result<(), Status> {
+        let r = self.check(req);
+        if let Err(s) = r {
+            self.stats.refused += 1;
+            return Err(s);
+        }
+        let Some(id) = self.pool.alloc(true) else {
+            self.stats.refused += 1;
+            return Err(Status::Again);
+        };
+        let bio = self.pool.get_mut(id);
+        bio.op = req.op;
+        bio.flags = req.flags;
+        bio.dev = req.dev;
+        bio.sector = req.sector;
+        bio.sectors = req.sectors;
+        bio.copy_src = req.copy_src;
+        bio.data = req.data;
+        bio.user_data = req.user_data;
+        bio.status = Status::Ok;
+        bio.parent = None;
+        self.submit_q.push_back(id);
+        self.stats.submitted += 1;
+        Ok(())
+    }
+
+    fn check(&self, req: &Request) -> Result<(), Status> {
+        let (size, lbs) = self.geometry(req.dev).ok_or(Status::Invalid)?;
+        let lbs = lbs as u64;
+        match req.op {
+            Op::Read | Op::Write => {
+                if req.sectors == 0 || req.data.len() != req.sectors as usize * SECTOR_SIZE {
+                    return Err(Status::Invalid);
+                }
+            }
+            Op::Flush => {
+                if req.sectors != 0 || !req.data.is_empty() {
+                    return Err(Status::Invalid);
+                }
+                return Ok(());
+            }
+            Op::Discard | Op::WriteZeroes => {
+                if req.sectors == 0 || !req.data.is_empty() {
+                    return Err(Status::Invalid);
+                }
+            }
+            // Copy travels through stacks in a later step; refuse it cleanly until then.
+            Op::Copy => return Err(Status::NotSupported),
+        }
+        if req.sector % lbs != 0 || req.sectors as u64 % lbs != 0 {
+            return Err(Status::Invalid);
+        }
+        match req.sector.checked_add(req.sectors as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Status::OutOfRange),
+        }
+    }
+
+    /// Runs queued submissions and completions to the end, and polls asynchronous leaves once.
+    /// Returns the number of steps taken (0 = nothing to do).
+    pub fn poll(&mut self) -> usize {
+        let mut work = 0;
+        loop {
+            let mut round = 0;
+            while let Some(id) = self.submit_q.pop_front() {
+                self.run_submit(id);
+                round += 1;
+            }
+            while let Some(id) = self.complete_q.pop_front() {
+                self.run_complete(id);
+                round += 1;
+            }
+            for i in 0..self.pollers.len() {
+                let dev = self.pollers[i];
+                if let Some(Slot::Leaf(l)) = self.devs.get_mut(dev.0 as usize) {
+                    round += l.chan.poll(&mut LeafCx {
+                        pool: &mut self.pool,
+                        complete_q: &mut self.complete_q,
+                    });
+                }
+            }
+            work += round;
+            if self.submit_q.is_empty() && self.complete_q.is_empty() {
+                return work;
+            }
+        }
+    }
+
+    /// True when nothing is queued inside the reactor (leaves may still have I/O in flight).
+    pub fn is_idle(&self) -> bool {
+        self.submit_q.is_empty() && self.complete_q.is_empty()
+    }
+
+    /// Takes the next finished top-level I/O.
+    pub fn reap(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+
+    /// Takes the completion with this tag, leaving the others queued.
+    pub fn reap_tag(&mut self, user_data: u64) -> Option<Completion> {
+        let i = self.done.iter().position(|c| c.user_data == user_data)?;
+        self.done.remove(i)
+    }
+
+    /// Top-level I/O started and not yet reaped as finished.
+    pub fn outstanding(&self) -> u64 {
+        self.stats.submitted - self.stats.completed
+    }
+
+    /// Routes a bio down until a leaf takes it, a target keeps it, or it completes.
+    fn run_submit(&mut self, id: BioId) {
+        let Reactor {
+            pool,
+            fallback,
+            devs,
+            submit_q,
+            complete_q,
+            stats,
+            ..
+        } = self;
+        loop {
+            let dev = pool.get(id).dev;
+            match devs.get_mut(dev.0 as usize) {
+                Some(Slot::Leaf(l)) => {
+                    let bio = pool.get(id);
+                    if bio.op != Op::Flush && bio.end() > l.size {
+                        pool.get_mut(id).status = Status::OutOfRange;
+                        complete_q.push_back(id);
+                    } else {
+                        l.chan.submit(&mut LeafCx { pool, complete_q }, id);
+                    }
+                    return;
+                }
+                Some(Slot::Volume(v)) => {
+                    if v.suspended {
+                        v.held.push_back(id);
+                        stats.held += 1;
+                        return;
+                    }
+                    v.inflight += 1;
+                    let bio = pool.get_mut(id);
+                    bio.frames.push(FrameKind::Volume, dev, &(), fallback);
+                    let Some(table) = v.table.as_deref() else {
+                        bio.status = Status::IoError;
+                        complete_q.push_back(id);
+                        return;
+                    };
+                    if bio.op != Op::Flush && bio.end() > table.size() {
+                        bio.status = Status::OutOfRange;
+                        complete_q.push_back(id);
+                        return;
+                    }
+                    if !map_in_table(table, dev, id, pool, fallback, submit_q, complete_q, stats) {
+                        return;
+                    }
+                }
+                _ => {
+                    pool.get_mut(id).status = Status::Shutdown;
+                    complete_q.push_back(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pops frames until a layer keeps the bio, a split waits for its other pieces, or the
+    /// top-level I/O is done.
+    fn run_complete(&mut self, mut id: BioId) {
+        let Reactor {
+            pool,
+            fallback,
+            devs,
+            submit_q,
+            done,
+            stats,
+            ..
+        } = self;
+        loop {
+            let bio = pool.get_mut(id);
+            match bio.frames.peek() {
+                Some(h) => match h.kind {
+                    FrameKind::Volume => {
+                        bio.frames.pop();
+                        if let Some(Slot::Volume(v)) = devs.get_mut(h.dev.0 as usize) {
+                            v.inflight -= 1;
+                        }
+                    }
+                    FrameKind::Split => {
+                        let mut ctx: SplitCtx = bio.frames.ctx_at(h.ctx_off);
+                        ctx.merge(bio.status);
+                        ctx.pending -= 1;
+                        if ctx.pending > 0 {
+                            // Park: the last clone to finish resumes the parent.
+                            bio.frames.set_ctx_at(h.ctx_off, &ctx);
+                            return;
+                        }
+                        bio.frames.pop();
+                        restore(pool, id, &ctx, h.dev);
+                    }
+                    FrameKind::Target { target } => {
+                        bio.frames.pop();
+                        let Some(Slot::Volume(v)) = devs.get(h.dev.0 as usize) else {
+                            unreachable!("target frame of a volume that is gone")
+                        };
+                        let table = v.table.as_deref().expect("target frame without a table");
+                        let t = &table.entries()[target as usize].target;
+                        let mut cx = EndioCx {
+                            id,
+                            resubmit: submit_q,
+                        };
+                        if t.end_io(bio, &mut cx) == Endio::Keep {
+                            return;
+                        }
+                    }
+                },
+                None => match bio.parent {
+                    Some((parent, off)) => {
+                        let status = bio.status;
+                        pool.free(id, fallback);
+                        let p = pool.get_mut(parent);
+                        let mut ctx: SplitCtx = p.frames.ctx_at(off);
+                        ctx.merge(status);
+                        ctx.pending -= 1;
+                        if ctx.pending > 0 {
+                            p.frames.set_ctx_at(off, &ctx);
+                            return;
+                        }
+                        // The parent is parked on that split frame: finish it.
+                        let h = p
+                            .frames
+                            .pop()
+                            .expect("parked parent without its split frame");
+                        debug_assert!(h.kind == FrameKind::Split && h.ctx_off == off);
+                        restore(pool, parent, &ctx, h.dev);
+                        id = parent;
+                    }
+                    None => {
+                        done.push_back(Completion {
+                            user_data: bio.user_data,
+                            status: bio.status,
+                        });
+                        pool.free(id, fallback);
+                        stats.completed += 1;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Puts a split parent back as it was at the split, with the merged status.
+fn restore(pool: &mut BioPool, id: BioId, ctx: &SplitCtx, vol: DevId) {
+    let bio = pool.get_mut(id);
+    bio.dev = vol;
+    bio.sector = ctx.sector;
+    bio.sectors = ctx.sectors;
+    bio.copy_src = ctx.copy_src;
+    if ctx.data_advanced > 0 {
+        bio.data = bio.data.unadvance(ctx.data_advanced as usize);
+    }
+    bio.status = Status::from_u8(ctx.status);
+}
+
+/// Maps a bio that entered volume `vol` with `table`. Leading pieces that cross a target
+/// boundary (or a target's own boundary) are cut off as clones and mapped at once; the remainder
+/// goes on as the original bio (seed 001). Returns true if the original was remapped and should
+/// keep descending.
+#[allow(clippy::too_many_arguments)]
+fn map_in_table(
+    table: &Table,
+    vol: DevId,
+    id: BioId,
+    pool: &mut BioPool,
+    fallback: &mut FrameFallback,
+    submit_q: &mut VecDeque<BioId>,
+    complete_q: &mut VecDeque<BioId>,
+    stats: &mut ReactorStats,
+) -> bool {
+    let entries = table.entries();
+    let mut split_off: Option<u32> = None;
+
+    // Pushes the split frame once per volume level, then counts one more piece.
+    let mut add_piece = |pool: &mut BioPool, fallback: &mut FrameFallback| -> u32 {
+        let bio = pool.get_mut(id);
+        let off = *split_off.get_or_insert_with(|| {
+            let ctx = SplitCtx {
+                sector: bio.sector,
+                copy_src: bio.copy_src,
+                sectors: bio.sectors,
+                pending: 1,
+                ..SplitCtx::default()
+            };
+            bio.frames.push(FrameKind::Split, vol, &ctx, fallback)
+        });
+        let mut ctx: SplitCtx = bio.frames.ctx_at(off);
+        ctx.pending += 1;
+        bio.frames.set_ctx_at(off, &ctx);
+        off
+    };
+
+    if pool.get(id).op == Op::Flush {
+        // An empty flush goes to every target that wants one (each of its devices).
+        let total = table.flush_bios();
+        if total == 0 {
+            complete_q.push_back(id);
+            return false;
+        }
+        let mut left = total;
+        for (ti, e) in entries.iter().enumerate() {
+            for k in 0..e.target.flush_bios() {
+                left -= 1;
+                let this = if left == 0 {
+                    id
+                } else {
+                    let off = add_piece(pool, fallback);
+                    let c = pool.alloc(false).expect("clone allocation never fails");
+                    let (flags, user_data) = {
+                        let b = pool.get(id);
+                        (b.flags, b.user_data)
+                    };
+                    let cb = pool.get_mut(c);
+                    cb.op = Op::Flush;
+                    cb.flags = flags;
+                    cb.sectors = 0;
+                    cb.data = DataBuf::EMPTY;
+                    cb.user_data = user_data;
+                    cb.parent = Some((id, off));
+                    c
+                };
+                let b = pool.get_mut(this);
+                b.dev = vol;
+                b.sector = 0;
+                b.map_index = k;
+                let r = e.target.map(
+                    b,
+                    &mut MapCx {
+                        vol,
+                        target: ti as u16,
+                        id: this,
+                        fallback,
+                    },
+                );
+                if this == id {
+                    return finish_map(r, this, pool, complete_q);
+                }
+                if finish_map(r, this, pool, complete_q) {
+                    submit_q.push_back(this);
+                }
+            }
+        }
+        unreachable!("flush fan-out ended without mapping the original");
+    }
+
+    loop {
+        let bio = pool.get_mut(id);
+        let ti = table.find(bio.sector);
+        let e = &entries[ti];
+        let off = bio.sector - e.start;
+        let avail = (e.len - off).min(e.target.max_io_len(off));
+        if bio.sectors as Sector <= avail {
+            bio.sector = off;
+            let r = e.target.map(
+                bio,
+                &mut MapCx {
+                    vol,
+                    target: ti as u16,
+                    id,
+                    fallback,
+                },
+            );
+            return finish_map(r, id, pool, complete_q);
+        }
+        // Cut the leading `n` sectors off as a clone pointing into the parent's data.
+        let n = avail as u32;
+        let frame_off = add_piece(pool, fallback);
+        let c = pool.alloc(false).expect("clone allocation never fails");
+        let bio = pool.get(id);
+        let (op, flags, user_data, copy_src) = (bio.op, bio.flags, bio.user_data, bio.copy_src);
+        let lead = if op.has_data() {
+            bio.data.slice(0, n as usize * SECTOR_SIZE)
+        } else {
+            DataBuf::EMPTY
+        };
+        {
+            let cb = pool.get_mut(c);
+            cb.op = op;
+            cb.flags = flags;
+            cb.dev = vol;
+            cb.sector = off;
+            cb.sectors = n;
+            cb.copy_src = copy_src;
+            cb.data = lead;
+            cb.user_data = user_data;
+            cb.parent = Some((id, frame_off));
+        }
+        {
+            let bio = pool.get_mut(id);
+            bio.sector += n as Sector;
+            bio.sectors -= n;
+            bio.copy_src += n as Sector;
+            if op.has_data() {
+                let adv = n as usize * SECTOR_SIZE;
+                bio.data = bio.data.slice(adv, bio.data.len() - adv);
+                let mut ctx: SplitCtx = bio.frames.ctx_at(frame_off);
+                ctx.data_advanced += adv as u64;
+                bio.frames.set_ctx_at(frame_off, &ctx);
+            }
+        }
+        stats.splits += 1;
+        let cb = pool.get_mut(c);
+        let r = e.target.map(
+            cb,
+            &mut MapCx {
+                vol,
+                target: ti as u16,
+                id: c,
+                fallback,
+            },
+        );
+        if finish_map(r, c, pool, complete_q) {
+            submit_q.push_back(c);
+        }
+    }
+}
+
+/// Applies a map result; true if the bio was remapped and goes on down.
+#[inline]
+fn finish_map(
+    r: MapResult,
+    id: BioId,
+    pool: &mut BioPool,
+    complete_q: &mut VecDeque<BioId>,
+) -> bool {
+    match r {
+        MapResult::Remapped => true,
+        MapResult::Submitted => false,
+        MapResult::Done(s) => {
+            pool.get_mut(id).status = s;
+            complete_q.push_back(id);
+            false
+        }
+    }
+}

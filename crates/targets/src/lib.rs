@@ -1,0 +1,23 @@
+//! Bio-based targets. Each module is one table target type, with dmsetup's arguments.
+
+pub mod error;
+pub mod linear;
+pub mod striped;
+pub mod zero;
+
+use stackbd_core::TargetRegistry;
+
+/// Registers every target type this crate provides.
+pub fn register_all(r: &mut TargetRegistry) {
+    r.register("linear", linear::Linear::ctor);
+    r.register("striped", striped::Striped::ctor);
+    r.register("zero", zero::Zero::ctor);
+    r.register("error", error::Error::ctor);
+}
+
+/// A registry with every built-in target.
+pub fn registry() -> TargetRegistry {
+    let mut r = TargetRegistry::new();
+    register_all(&mut r);
+    r
+}
