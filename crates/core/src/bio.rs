@@ -316,7 +316,7 @@ pub struct Bio {
     /// The data window of this bio (read/write only).
     pub data: DataBuf,
     pub status: Status,
-    /// Which of a target's flush bios this is (see `Target::flush_bios`).
+    /// Which of a target's flush bios this is (see `Target::flush_devices`).
     pub map_index: u32,
     /// The submitter's tag, returned with the completion.
     pub user_data: u64,

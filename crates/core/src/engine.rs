@@ -761,11 +761,22 @@ impl Engine {
                 Err(s) => return s,
             }
         }
+        let mut idle: u64 = 0;
         loop {
             if let Some(c) = self.reactor.reap_tag(tag) {
                 return c.status;
             }
             if self.poll() == 0 {
+                idle += 1;
+                // With only synchronous leaves an idle reactor can never finish the I/O: that
+                // is a lost bio (a bug), or the I/O is held by a volume this thread suspended.
+                if idle > 100_000 && !self.reactor.has_async_leaves() {
+                    panic!(
+                        "I/O never completed: nothing left to run ({} bios in use, {} held)",
+                        self.reactor.pool().in_use(),
+                        self.reactor.stats.held
+                    );
+                }
                 std::hint::spin_loop();
             }
         }

@@ -130,7 +130,9 @@ impl Limits {
     pub fn check_alignment(&mut self, child: &Limits, start_sector: u64) {
         let start_bytes = start_sector * 512;
         let granule = child.physical_block_bytes.max(child.io_min_bytes) as u64;
-        if granule > 0 && (start_bytes + child.alignment_offset_bytes as u64) % granule != 0 {
+        if granule > 0
+            && !(start_bytes + child.alignment_offset_bytes as u64).is_multiple_of(granule)
+        {
             self.misaligned = true;
         }
     }

@@ -324,7 +324,7 @@ impl Reactor {
             // Copy travels through stacks in a later step; refuse it cleanly until then.
             Op::Copy => return Err(Status::NotSupported),
         }
-        if req.sector % lbs != 0 || req.sectors as u64 % lbs != 0 {
+        if !req.sector.is_multiple_of(lbs) || !(req.sectors as u64).is_multiple_of(lbs) {
             return Err(Status::Invalid);
         }
         match req.sector.checked_add(req.sectors as u64) {
@@ -361,6 +361,11 @@ impl Reactor {
                 return work;
             }
         }
+    }
+
+    /// True if some leaf completes asynchronously (the reactor must keep polling it).
+    pub fn has_async_leaves(&self) -> bool {
+        !self.pollers.is_empty()
     }
 
     /// True when nothing is queued inside the reactor (leaves may still have I/O in flight).
@@ -577,56 +582,56 @@ fn map_in_table(
     };
 
     if pool.get(id).op == Op::Flush {
-        // An empty flush goes to every target that wants one (each of its devices).
-        let total = table.flush_bios();
-        if total == 0 {
+        // An empty flush goes once to every distinct device under the table.
+        let plan = table.flush_plan();
+        let Some((&last, rest)) = plan.split_last() else {
             complete_q.push_back(id);
             return false;
-        }
-        let mut left = total;
-        for (ti, e) in entries.iter().enumerate() {
-            for k in 0..e.target.flush_bios() {
-                left -= 1;
-                let this = if left == 0 {
-                    id
-                } else {
-                    let off = add_piece(pool, fallback);
-                    let c = pool.alloc(false).expect("clone allocation never fails");
-                    let (flags, user_data) = {
-                        let b = pool.get(id);
-                        (b.flags, b.user_data)
-                    };
-                    let cb = pool.get_mut(c);
-                    cb.op = Op::Flush;
-                    cb.flags = flags;
-                    cb.sectors = 0;
-                    cb.data = DataBuf::EMPTY;
-                    cb.user_data = user_data;
-                    cb.parent = Some((id, off));
-                    c
-                };
-                let b = pool.get_mut(this);
-                b.dev = vol;
-                b.sector = 0;
-                b.map_index = k;
-                let r = e.target.map(
-                    b,
-                    &mut MapCx {
-                        vol,
-                        target: ti as u16,
-                        id: this,
-                        fallback,
-                    },
-                );
-                if this == id {
-                    return finish_map(r, this, pool, complete_q);
-                }
-                if finish_map(r, this, pool, complete_q) {
-                    submit_q.push_back(this);
-                }
+        };
+        for &(ti, k) in rest {
+            let off = add_piece(pool, fallback);
+            let c = pool.alloc(false).expect("clone allocation never fails");
+            let (flags, user_data) = {
+                let b = pool.get(id);
+                (b.flags, b.user_data)
+            };
+            let cb = pool.get_mut(c);
+            cb.op = Op::Flush;
+            cb.flags = flags;
+            cb.dev = vol;
+            cb.sector = 0;
+            cb.sectors = 0;
+            cb.data = DataBuf::EMPTY;
+            cb.user_data = user_data;
+            cb.map_index = k;
+            cb.parent = Some((id, off));
+            let r = entries[ti as usize].target.map(
+                cb,
+                &mut MapCx {
+                    vol,
+                    target: ti,
+                    id: c,
+                    fallback,
+                },
+            );
+            if finish_map(r, c, pool, complete_q) {
+                submit_q.push_back(c);
             }
         }
-        unreachable!("flush fan-out ended without mapping the original");
+        let (ti, k) = last;
+        let b = pool.get_mut(id);
+        b.sector = 0;
+        b.map_index = k;
+        let r = entries[ti as usize].target.map(
+            b,
+            &mut MapCx {
+                vol,
+                target: ti,
+                id,
+                fallback,
+            },
+        );
+        return finish_map(r, id, pool, complete_q);
     }
 
     loop {

@@ -105,7 +105,8 @@ pub struct Table {
     starts: Vec<Sector>,
     size: Sector,
     limits: Limits,
-    flush_bios: u32,
+    /// (target, flush index) pairs that reach every distinct device under the table once.
+    flush_plan: Vec<(u16, u32)>,
 }
 
 /// Bytes of a split frame's context; every volume level reserves room for one.
@@ -166,14 +167,22 @@ impl Table {
     pub fn from_entries(entries: Vec<TableEntry>, child: &dyn Fn(DevId) -> Limits) -> Table {
         let mut limits = Limits::TOP;
         let mut below = Limits::TOP;
-        let mut flush_bios = 0;
+        let mut flush_plan = Vec::new();
+        let mut flushed: Vec<DevId> = Vec::new();
+        for (ti, e) in entries.iter().enumerate() {
+            for (k, d) in e.target.flush_devices().into_iter().enumerate() {
+                if !flushed.contains(&d) {
+                    flushed.push(d);
+                    flush_plan.push((ti as u16, k as u32));
+                }
+            }
+        }
         for e in &entries {
             let mut l = e.target.limits(child);
             if e.target.frame_bytes() > 0 {
                 l.add_frame(e.target.frame_bytes());
             }
             below.stack(&l);
-            flush_bios += e.target.flush_bios();
         }
         // The deepest target need, plus this volume's own entry and split frames.
         limits.stack(&below);
@@ -188,7 +197,7 @@ impl Table {
             starts,
             size,
             limits,
-            flush_bios,
+            flush_plan,
         }
     }
 
@@ -204,8 +213,9 @@ impl Table {
         &self.entries
     }
 
-    pub fn flush_bios(&self) -> u32 {
-        self.flush_bios
+    /// Which (target, flush index) pairs an empty flush is sent to.
+    pub fn flush_plan(&self) -> &[(u16, u32)] {
+        &self.flush_plan
     }
 
     /// Index of the target holding `sector` (which must be < size).

@@ -101,9 +101,11 @@ pub trait Target: Send + Sync + fmt::Debug + 'static {
         Sector::MAX
     }
 
-    /// How many flush bios this target wants (one per underlying device); 0 = flushes skip it.
-    fn flush_bios(&self) -> u32 {
-        0
+    /// The device each of this target's flush bios goes to (`bio.map_index` says which one is
+    /// being mapped). Empty: flushes skip this target. The table sends one flush per distinct
+    /// device, so a device under many targets is flushed once.
+    fn flush_devices(&self) -> Vec<DevId> {
+        Vec::new()
     }
 
     /// Runs when a bio on which this target pushed a frame completes.
@@ -234,7 +236,7 @@ impl<'a> CtorCx<'a> {
             ));
         }
         let lbs = info.limits.logical_block_sectors() as u64;
-        if offset % lbs != 0 {
+        if !offset.is_multiple_of(lbs) {
             return Err(ArgError::new(
                 field,
                 format!(

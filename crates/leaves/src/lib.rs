@@ -1,9 +1,11 @@
 //! Leaf devices.
 
+pub mod file;
 pub mod mem;
 pub mod null;
 mod region;
 
+pub use file::FileLeaf;
 pub use mem::MemLeaf;
 pub use null::NullLeaf;
 

@@ -38,8 +38,8 @@ impl Target for Linear {
         MapResult::Remapped
     }
 
-    fn flush_bios(&self) -> u32 {
-        1
+    fn flush_devices(&self) -> Vec<DevId> {
+        vec![self.dev.id]
     }
 
     fn limits(&self, child: &dyn Fn(DevId) -> Limits) -> Limits {
@@ -48,7 +48,7 @@ impl Target for Linear {
         l.stack(&c);
         l.check_alignment(&c, self.offset);
         // The start of this target inside the volume must also respect the child's granule.
-        if (self.start * 512) % c.logical_block_bytes as u64 != 0 {
+        if !(self.start * 512).is_multiple_of(c.logical_block_bytes as u64) {
             l.misaligned = true;
         }
         l

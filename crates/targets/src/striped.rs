@@ -65,14 +65,14 @@ impl Striped {
                 ),
             ));
         }
-        if cx.len % n as Sector != 0 {
+        if !cx.len.is_multiple_of(n as Sector) {
             return Err(ArgError::new(
                 "length",
                 format!("target length {} does not divide into {n} stripes", cx.len),
             ));
         }
         let per_stripe = cx.len / n as Sector;
-        if per_stripe % chunk != 0 {
+        if !per_stripe.is_multiple_of(chunk) {
             return Err(ArgError::new(
                 "length",
                 format!("target length {} does not divide into whole chunks of {chunk} sectors per stripe", cx.len),
@@ -134,8 +134,8 @@ impl Target for Striped {
         self.chunk - offset % self.chunk
     }
 
-    fn flush_bios(&self) -> u32 {
-        self.stripes.len() as u32
+    fn flush_devices(&self) -> Vec<DevId> {
+        self.stripes.iter().map(|s| s.dev.id).collect()
     }
 
     fn frame_bytes(&self) -> usize {

@@ -1,0 +1,1236 @@
+//! The configuration file: leaves, volumes (dmsetup tables) and exports, in TOML.
+//!
+//! ```toml
+//! [leaf.m0]
+//! kind = "mem"          # mem | null
+//! size = "1GiB"         # bytes, or a whole number with B, K/KiB, M/MiB, G/GiB, T/TiB (binary)
+//!
+//! [volume.data]
+//! table = "0 2097152 linear m0 0"     # dmsetup table text; may span lines (""" ... """)
+//!
+//! [export.data]
+//! volume = "data"
+//! read_only = false
+//! ```
+//!
+//! [`load`] / [`parse`] read a file strictly (any error refuses it); [`build`] turns a [`Config`]
+//! into an [`Engine`] with every leaf and volume created, volumes in dependency order;
+//! [`check`] / [`check_text`] do both while collecting every error they can find, for
+//! `stackbd check`. Every error says which file, line and section it comes from, and for tables,
+//! the table line, field and reason the engine gave.
+
+use serde::Deserialize;
+use stackbd_core::table::TableError;
+use stackbd_core::{Engine, EngineError, Leaf, ReactorConfig, SECTOR_SIZE};
+use stackbd_leaves::{MemLeaf, NullLeaf};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use toml::{Spanned, Value};
+
+mod graph;
+
+// ---------------------------------------------------------------------------------------------
+// The parsed configuration
+// ---------------------------------------------------------------------------------------------
+
+/// Leaf kinds the config accepts, as written in `kind = "..."`.
+pub const LEAF_KINDS: &[&str] = &["mem", "null"];
+
+/// A whole configuration file, items in the order the file declares them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from, if any (error messages start with it).
+    pub path: Option<PathBuf>,
+    pub leaves: Vec<LeafDecl>,
+    pub volumes: Vec<VolumeDecl>,
+    pub exports: Vec<ExportDecl>,
+}
+
+impl Config {
+    pub fn leaf(&self, name: &str) -> Option<&LeafDecl> {
+        self.leaves.iter().find(|l| l.name == name)
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumeDecl> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    pub fn export(&self, name: &str) -> Option<&ExportDecl> {
+        self.exports.iter().find(|e| e.name == name)
+    }
+}
+
+/// `[leaf.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafDecl {
+    pub name: String,
+    /// 1-based file line of the section's first key.
+    pub line: usize,
+    pub spec: LeafSpec,
+}
+
+/// What a leaf is; one variant per `kind`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeafSpec {
+    /// Sparse RAM.
+    Mem { size_bytes: u64 },
+    /// Reads zeros, drops writes.
+    Null { size_bytes: u64 },
+}
+
+impl LeafSpec {
+    /// The `kind` as written in the file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LeafSpec::Mem { .. } => "mem",
+            LeafSpec::Null { .. } => "null",
+        }
+    }
+
+    /// The declared size, for kinds that declare one.
+    pub fn size_bytes(&self) -> Option<u64> {
+        match self {
+            LeafSpec::Mem { size_bytes } | LeafSpec::Null { size_bytes } => Some(*size_bytes),
+        }
+    }
+
+    /// Creates the leaf device.
+    pub fn create(&self) -> std::io::Result<Arc<dyn Leaf>> {
+        Ok(match self {
+            LeafSpec::Mem { size_bytes } => Arc::new(MemLeaf::new(*size_bytes)?),
+            LeafSpec::Null { size_bytes } => Arc::new(NullLeaf::new(*size_bytes)),
+        })
+    }
+}
+
+/// `[volume.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeDecl {
+    pub name: String,
+    /// 1-based file line of `table = ...`.
+    pub line: usize,
+    /// dmsetup table text.
+    pub table: String,
+    /// File line holding line 1 of the table text, when the string maps line for line onto the
+    /// file (no escapes in a basic string); table errors then point at the exact file line.
+    pub table_first_line: Option<usize>,
+}
+
+impl VolumeDecl {
+    /// The file line of a 1-based line of the table text (the `table =` line if unknown).
+    pub fn file_line(&self, table_line: usize) -> usize {
+        self.table_first_line
+            .map_or(self.line, |l| l + table_line.saturating_sub(1))
+    }
+}
+
+/// `[export.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportDecl {
+    pub name: String,
+    /// 1-based file line of `volume = ...`.
+    pub line: usize,
+    pub volume: String,
+    pub read_only: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Which part of the file an error is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Section {
+    Leaf(String),
+    Volume(String),
+    Export(String),
+}
+
+impl Section {
+    pub fn name(&self) -> &str {
+        match self {
+            Section::Leaf(n) | Section::Volume(n) | Section::Export(n) => n,
+        }
+    }
+
+    fn table_name(&self) -> &'static str {
+        match self {
+            Section::Leaf(_) => "leaf",
+            Section::Volume(_) => "volume",
+            Section::Export(_) => "export",
+        }
+    }
+}
+
+/// `[leaf.m0]`, quoting the name when TOML needs it.
+impl fmt::Display for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.name();
+        let bare = !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if bare {
+            write!(f, "[{}.{n}]", self.table_name())
+        } else {
+            write!(f, "[{}.{n:?}]", self.table_name())
+        }
+    }
+}
+
+/// What went wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The file could not be read.
+    Read(String),
+    /// TOML syntax, or a section or value of the wrong shape.
+    Toml(String),
+    /// A key or value of a section.
+    Invalid(String),
+    /// The engine refused a volume's table.
+    Table(TableError),
+    /// Volumes that name each other (or themselves): `path` runs from the reported volume back
+    /// to it; `others` are further volumes caught in the same loop.
+    Cycle {
+        path: Vec<String>,
+        others: Vec<String>,
+    },
+    /// Not built because something it uses failed.
+    Skipped { uses: String, why: String },
+    /// Any other refusal from the engine.
+    Engine(String),
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorKind::Read(e) => write!(f, "cannot read: {e}"),
+            ErrorKind::Toml(e) | ErrorKind::Invalid(e) | ErrorKind::Engine(e) => f.write_str(e),
+            ErrorKind::Table(e) => write!(f, "table line {}: {}: {}", e.line, e.field, e.reason),
+            ErrorKind::Cycle { path, others } => {
+                write!(
+                    f,
+                    "volume '{}' would stack on itself: {}",
+                    path[0],
+                    path.join(" -> ")
+                )?;
+                if !others.is_empty() {
+                    write!(f, " (also in the loop: {})", others.join(", "))?;
+                }
+                Ok(())
+            }
+            ErrorKind::Skipped { uses, why } => write!(f, "skipped: it uses {uses}, which {why}"),
+        }
+    }
+}
+
+/// One error, located: `PATH:LINE[:COL]: [section.name]: what`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: Option<PathBuf>,
+    /// 1-based file line.
+    pub line: Option<usize>,
+    /// 1-based column (TOML syntax errors only).
+    pub column: Option<usize>,
+    pub section: Option<Section>,
+    pub kind: ErrorKind,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut loc = String::new();
+        if let Some(p) = &self.path {
+            loc.push_str(&p.display().to_string());
+        }
+        if let Some(l) = self.line {
+            if !loc.is_empty() {
+                loc.push(':');
+            }
+            loc.push_str(&l.to_string());
+            if let Some(c) = self.column {
+                loc.push_str(&format!(":{c}"));
+            }
+        }
+        if !loc.is_empty() {
+            write!(f, "{loc}: ")?;
+        }
+        if let Some(s) = &self.section {
+            write!(f, "{s}: ")?;
+        }
+        write!(f, "{}", self.kind)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every error found, in file order. Displays one per line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ConfigErrors {
+    type Item = &'a ConfigError;
+    type IntoIter = std::slice::Iter<'a, ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes
+// ---------------------------------------------------------------------------------------------
+
+const SIZE_HELP: &str =
+    "expected bytes, or a whole number with a unit: B, K/KiB, M/MiB, G/GiB, T/TiB (1K = 1024)";
+
+/// Parses a size: `4096`, `"4096"`, `"512B"`, `"64K"`, `"64KiB"`, `"1 GiB"`, ... Units are binary
+/// (`K` = `KiB` = 1024); decimal units (`KB`, `GB`...) and fractions are refused.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    let unit = unit.trim_start();
+    let shift = match unit {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        "KB" | "MB" | "GB" | "TB" | "kB" => {
+            return Err(format!(
+                "invalid size '{text}': '{unit}' is ambiguous; write {}iB (binary) or the \
+                 number of bytes",
+                &unit[..1].to_ascii_uppercase()
+            ))
+        }
+        _ => return Err(format!("invalid size '{text}': {SIZE_HELP}")),
+    };
+    if num.is_empty() {
+        return Err(format!("invalid size '{text}': {SIZE_HELP}"));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size '{text}': too large"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size '{text}': too large"))?;
+    check_size(&format!("'{text}'"), bytes)
+}
+
+/// Checks a size in bytes; `shown` is how the file wrote it.
+fn check_size(shown: &str, bytes: u64) -> Result<u64, String> {
+    if bytes == 0 {
+        return Err(format!("invalid size {shown}: a leaf cannot be empty"));
+    }
+    if !bytes.is_multiple_of(SECTOR_SIZE as u64) {
+        return Err(format!(
+            "invalid size {shown}: {bytes} bytes is not a whole number of {SECTOR_SIZE}-byte \
+             sectors"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Bytes for people: `1 GiB`, `1.5 MiB`, `512 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    while i + 1 < UNITS.len() && bytes >> (10 * (i + 1)) > 0 {
+        i += 1;
+    }
+    let unit = 1u64 << (10 * i);
+    if bytes.is_multiple_of(unit) {
+        format!("{} {}", bytes / unit, UNITS[i])
+    } else {
+        let s = format!("{:.2}", bytes as f64 / unit as f64);
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        format!("{s} {}", UNITS[i])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the file
+// ---------------------------------------------------------------------------------------------
+
+type RawSection = BTreeMap<String, Spanned<Value>>;
+
+/// The shape serde checks; each section's keys are read by hand so that every bad key or value
+/// is reported, with its line, and not only the first.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    leaf: BTreeMap<String, RawSection>,
+    #[serde(default)]
+    volume: BTreeMap<String, RawSection>,
+    #[serde(default)]
+    export: BTreeMap<String, RawSection>,
+}
+
+/// Byte offsets to lines and columns.
+struct Lines {
+    starts: Vec<usize>,
+}
+
+impl Lines {
+    fn new(text: &str) -> Lines {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Lines { starts }
+    }
+
+    /// 1-based (line, column) of a byte offset.
+    fn at(&self, offset: usize) -> (usize, usize) {
+        let i = self.starts.partition_point(|&s| s <= offset).max(1) - 1;
+        (i + 1, offset - self.starts[i] + 1)
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.at(offset).0
+    }
+}
+
+/// Reading state: where we are, and what went wrong so far.
+struct Cx<'a> {
+    path: Option<&'a Path>,
+    text: &'a str,
+    lines: Lines,
+    errors: Vec<ConfigError>,
+    /// Declared names whose declaration is unusable: what uses them is skipped, not refused as
+    /// an unknown device.
+    broken: BTreeSet<Section>,
+}
+
+impl Cx<'_> {
+    fn error(&mut self, line: Option<usize>, section: Option<Section>, kind: ErrorKind) {
+        self.errors.push(ConfigError {
+            path: self.path.map(Path::to_path_buf),
+            line,
+            column: None,
+            section,
+            kind,
+        });
+    }
+}
+
+/// The keys of one section, taken one by one; what is left at the end is unknown.
+struct Fields {
+    section: Section,
+    /// Line of the section's first key, for errors about missing keys.
+    line: usize,
+    map: RawSection,
+}
+
+impl Fields {
+    fn new(cx: &Cx<'_>, section: Section, map: RawSection) -> Fields {
+        // An empty section has no key to point at: look for its header instead.
+        let first = map
+            .values()
+            .map(|v| v.span().start)
+            .min()
+            .or_else(|| cx.text.find(&section.to_string()));
+        Fields {
+            section,
+            line: first.map_or(0, |o| cx.lines.line(o)),
+            map,
+        }
+    }
+
+    fn line(&self) -> Option<usize> {
+        (self.line > 0).then_some(self.line)
+    }
+
+    fn invalid(&self, cx: &mut Cx<'_>, line: Option<usize>, msg: String) {
+        cx.error(
+            line.or(self.line()),
+            Some(self.section.clone()),
+            ErrorKind::Invalid(msg),
+        );
+    }
+
+    fn take(&mut self, key: &str) -> Option<Spanned<Value>> {
+        self.map.remove(key)
+    }
+
+    fn missing(&self, cx: &mut Cx<'_>, key: &str, takes: &str) {
+        self.invalid(cx, None, format!("missing '{key}' ({takes})"));
+    }
+
+    fn wrong_type(&self, cx: &mut Cx<'_>, key: &str, want: &str, v: &Spanned<Value>) {
+        let line = cx.lines.line(v.span().start);
+        self.invalid(
+            cx,
+            Some(line),
+            format!("{key}: expected {want}, got {}", v.get_ref().type_str()),
+        );
+    }
+
+    /// A required string; returns it with its span.
+    fn string(
+        &mut self,
+        cx: &mut Cx<'_>,
+        key: &str,
+        takes: &str,
+    ) -> Option<(String, Range<usize>)> {
+        let v = match self.take(key) {
+            Some(v) => v,
+            None => {
+                self.missing(cx, key, takes);
+                return None;
+            }
+        };
+        match v.get_ref() {
+            Value::String(s) => Some((s.clone(), v.span())),
+            _ => {
+                self.wrong_type(cx, key, "a string", &v);
+                None
+            }
+        }
+    }
+
+    /// An optional boolean (`default` when absent); `None` on a bad value.
+    fn bool(&mut self, cx: &mut Cx<'_>, key: &str, default: bool) -> Option<bool> {
+        let v = match self.take(key) {
+            Some(v) => v,
+            None => return Some(default),
+        };
+        match v.get_ref() {
+            Value::Boolean(b) => Some(*b),
+            _ => {
+                self.wrong_type(cx, key, "true or false", &v);
+                None
+            }
+        }
+    }
+
+    /// A required size in bytes: an integer, or a string with a unit.
+    fn size(&mut self, cx: &mut Cx<'_>, key: &str, takes: &str) -> Option<u64> {
+        let v = match self.take(key) {
+            Some(v) => v,
+            None => {
+                self.missing(cx, key, takes);
+                return None;
+            }
+        };
+        let r = match v.get_ref() {
+            Value::Integer(n) if *n < 0 => Err(format!("invalid size {n}: negative")),
+            Value::Integer(n) => check_size(&n.to_string(), *n as u64),
+            Value::String(s) => parse_size(s),
+            Value::Float(x) => Err(format!("invalid size {x}: {SIZE_HELP}")),
+            _ => {
+                self.wrong_type(cx, key, "a size (bytes, or a string like \"1GiB\")", &v);
+                return None;
+            }
+        };
+        r.map_err(|e| {
+            let line = cx.lines.line(v.span().start);
+            self.invalid(cx, Some(line), format!("{key}: {e}"));
+        })
+        .ok()
+    }
+
+    /// Reports every key nobody took.
+    fn finish(self, cx: &mut Cx<'_>, takes: &str) {
+        let mut left: Vec<_> = self.map.iter().collect();
+        left.sort_by_key(|(_, v)| v.span().start);
+        for (k, v) in left {
+            let line = cx.lines.line(v.span().start);
+            self.invalid(cx, Some(line), format!("unknown key '{k}' ({takes})"));
+        }
+    }
+}
+
+fn check_name(cx: &mut Cx<'_>, f: &Fields) -> bool {
+    let name = f.section.name();
+    if stackbd_core::engine::valid_name(name) {
+        true
+    } else {
+        f.invalid(cx, None, EngineError::BadName(name.to_string()).to_string());
+        false
+    }
+}
+
+fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
+    let mut f = Fields::new(cx, Section::Leaf(name.to_string()), map);
+    let name_ok = check_name(cx, &f);
+    let known = LEAF_KINDS.join(", ");
+    let Some((kind, span)) = f.string(cx, "kind", &format!("one of: {known}")) else {
+        // Without a kind nothing else can be judged; the other keys are not reported.
+        return None;
+    };
+    let line = cx.lines.line(span.start);
+    // One arm per kind: read its keys, then report the rest as unknown.
+    let spec = match kind.as_str() {
+        "mem" => {
+            const TAKES: &str = "mem leaves take: kind, size";
+            let size = f.size(cx, "size", TAKES);
+            f.finish(cx, TAKES);
+            LeafSpec::Mem { size_bytes: size? }
+        }
+        "null" => {
+            const TAKES: &str = "null leaves take: kind, size";
+            let size = f.size(cx, "size", TAKES);
+            f.finish(cx, TAKES);
+            LeafSpec::Null { size_bytes: size? }
+        }
+        other => {
+            f.invalid(
+                cx,
+                Some(line),
+                format!("unknown kind '{other}' (known: {known})"),
+            );
+            return None;
+        }
+    };
+    name_ok.then(|| LeafDecl {
+        name: name.to_string(),
+        line,
+        spec,
+    })
+}
+
+/// The file line of the first line of a string value's text, if the string maps line for line.
+fn string_first_line(cx: &Cx<'_>, span: Range<usize>) -> Option<usize> {
+    let raw = cx.text.get(span.clone())?;
+    let literal = raw.starts_with('\'');
+    if !literal && raw.contains('\\') {
+        return None;
+    }
+    let (delim, mut skip) = if raw.starts_with("\"\"\"") || raw.starts_with("'''") {
+        (3, 3)
+    } else {
+        (1, 1)
+    };
+    // A multi-line string drops a newline right after its opening delimiter.
+    if delim == 3 {
+        if raw[skip..].starts_with("\r\n") {
+            skip += 2;
+        } else if raw[skip..].starts_with('\n') {
+            skip += 1;
+        }
+    }
+    Some(cx.lines.line(span.start + skip))
+}
+
+fn read_volume(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<VolumeDecl> {
+    const TAKES: &str = "volumes take: table";
+    let mut f = Fields::new(cx, Section::Volume(name.to_string()), map);
+    let name_ok = check_name(cx, &f);
+    let table = f.string(cx, "table", TAKES);
+    f.finish(cx, TAKES);
+    let (table, span) = table?;
+    name_ok.then(|| VolumeDecl {
+        name: name.to_string(),
+        line: cx.lines.line(span.start),
+        table_first_line: string_first_line(cx, span),
+        table,
+    })
+}
+
+fn read_export(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<ExportDecl> {
+    const TAKES: &str = "exports take: volume, read_only";
+    let mut f = Fields::new(cx, Section::Export(name.to_string()), map);
+    let volume = f.string(cx, "volume", TAKES);
+    let read_only = f.bool(cx, "read_only", false);
+    f.finish(cx, TAKES);
+    let (volume, span) = volume?;
+    Some(ExportDecl {
+        name: name.to_string(),
+        line: cx.lines.line(span.start),
+        volume,
+        read_only: read_only?,
+    })
+}
+
+/// Sections in file order (by their first key; empty sections last, by name).
+fn in_file_order(map: BTreeMap<String, RawSection>) -> Vec<(String, RawSection)> {
+    let mut v: Vec<_> = map.into_iter().collect();
+    v.sort_by_key(|(_, s)| {
+        s.values()
+            .map(|x| x.span().start)
+            .min()
+            .unwrap_or(usize::MAX)
+    });
+    v
+}
+
+/// Reads a file's text, collecting every error; items with errors that make them unusable are
+/// left out of the config and remembered in `cx.broken`.
+fn read(cx: &mut Cx<'_>) -> Option<Config> {
+    let raw: RawConfig = match toml::from_str(cx.text) {
+        Ok(r) => r,
+        Err(e) => {
+            let (line, column) = match e.span() {
+                Some(s) => {
+                    let (l, c) = cx.lines.at(s.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            let msg = e.message().trim().replace('\n', "; ");
+            cx.errors.push(ConfigError {
+                path: cx.path.map(Path::to_path_buf),
+                line,
+                column,
+                section: None,
+                kind: ErrorKind::Toml(msg),
+            });
+            return None;
+        }
+    };
+    let mut cfg = Config {
+        path: cx.path.map(Path::to_path_buf),
+        ..Config::default()
+    };
+    for (name, map) in in_file_order(raw.leaf) {
+        match read_leaf(cx, &name, map) {
+            Some(l) => cfg.leaves.push(l),
+            None => {
+                cx.broken.insert(Section::Leaf(name));
+            }
+        }
+    }
+    for (name, map) in in_file_order(raw.volume) {
+        let Some(v) = read_volume(cx, &name, map) else {
+            cx.broken.insert(Section::Volume(name));
+            continue;
+        };
+        let leaf_clash = cfg.leaf(&name).map(|l| l.line).or_else(|| {
+            cx.broken
+                .contains(&Section::Leaf(name.clone()))
+                .then_some(0)
+        });
+        if let Some(l) = leaf_clash {
+            let at = if l > 0 {
+                format!(" (line {l})")
+            } else {
+                String::new()
+            };
+            cx.error(
+                Some(v.line),
+                Some(Section::Volume(name.clone())),
+                ErrorKind::Invalid(format!(
+                    "the name '{name}' is already taken by {}{at}; leaves and volumes share one \
+                     namespace",
+                    Section::Leaf(name.clone())
+                )),
+            );
+            cx.broken.insert(Section::Volume(name));
+            continue;
+        }
+        cfg.volumes.push(v);
+    }
+    for (name, map) in in_file_order(raw.export) {
+        match read_export(cx, &name, map) {
+            Some(e) => cfg.exports.push(e),
+            None => {
+                cx.broken.insert(Section::Export(name));
+            }
+        }
+    }
+    Some(cfg)
+}
+
+fn sorted(mut errors: Vec<ConfigError>) -> ConfigErrors {
+    // Stable: errors on one line keep the order they were found in.
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    ConfigErrors(errors)
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::from(ConfigError {
+            path: Some(path.to_path_buf()),
+            line: None,
+            column: None,
+            section: None,
+            kind: ErrorKind::Read(e.to_string()),
+        })
+    })
+}
+
+/// Parses config text; refused if anything in it is wrong. `path` only labels errors.
+pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let mut cx = Cx {
+        path,
+        text,
+        lines: Lines::new(text),
+        errors: Vec::new(),
+        broken: BTreeSet::new(),
+    };
+    match read(&mut cx) {
+        Some(cfg) if cx.errors.is_empty() => Ok(cfg),
+        _ => Err(sorted(cx.errors)),
+    }
+}
+
+/// Reads and parses a config file; refused if anything in it is wrong.
+pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigErrors> {
+    let path = path.as_ref();
+    parse(&read_file(path)?, Some(path))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building the stack
+// ---------------------------------------------------------------------------------------------
+
+/// An engine with everything the config declares.
+pub struct Built {
+    pub config: Config,
+    pub engine: Engine,
+    /// Volume names, each after every volume its table uses.
+    pub order: Vec<String>,
+}
+
+/// Names a table uses: its arguments (comments, layout numbers and target types left out); the
+/// raw whitespace-separated tokens when the text does not even parse as lines.
+fn table_tokens(text: &str) -> Vec<String> {
+    match stackbd_core::table::parse_lines(text) {
+        Ok(lines) => lines.into_iter().flat_map(|l| l.args).collect(),
+        Err(_) => text.split_whitespace().map(str::to_string).collect(),
+    }
+}
+
+fn build_in(
+    cfg: &Config,
+    broken: &BTreeSet<Section>,
+    reactor: ReactorConfig,
+    cx: &mut Cx<'_>,
+) -> Option<Built> {
+    let mut engine = Engine::new(stackbd_targets::registry(), reactor);
+    // Why a leaf or volume is unusable, by name: what uses it is skipped.
+    let mut bad_leaf: HashMap<String, &'static str> = HashMap::new();
+    let mut bad_vol: HashMap<String, &'static str> = HashMap::new();
+    for s in broken {
+        match s {
+            Section::Leaf(n) => bad_leaf.insert(n.clone(), "is invalid"),
+            Section::Volume(n) => bad_vol.insert(n.clone(), "is invalid"),
+            Section::Export(_) => None,
+        };
+    }
+
+    for l in &cfg.leaves {
+        let r = l
+            .spec
+            .create()
+            .map_err(|e| {
+                let size = l.spec.size_bytes().map(human_bytes).unwrap_or_default();
+                format!("cannot create {} leaf of {size}: {e}", l.spec.kind())
+            })
+            .and_then(|leaf| engine.add_leaf(&l.name, leaf).map_err(|e| e.to_string()));
+        if let Err(msg) = r {
+            cx.error(
+                Some(l.line),
+                Some(Section::Leaf(l.name.clone())),
+                ErrorKind::Engine(msg),
+            );
+            bad_leaf.insert(l.name.clone(), "failed");
+        }
+    }
+
+    // What each table uses, by scanning it for declared names; a name declared as a leaf is
+    // the leaf (a volume of the same name was refused).
+    let index: HashMap<&str, usize> = cfg
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect();
+    let mut deps: Vec<Vec<usize>> = Vec::with_capacity(cfg.volumes.len());
+    let mut uses: Vec<Vec<Use>> = Vec::with_capacity(cfg.volumes.len());
+    for v in &cfg.volumes {
+        let (mut ds, mut us) = (Vec::new(), Vec::new());
+        for t in table_tokens(&v.table) {
+            let u = if let Some(&i) = index.get(t.as_str()) {
+                Use::Volume(i)
+            } else if cfg.leaf(&t).is_some() || bad_leaf.contains_key(&t) {
+                Use::Leaf(t)
+            } else if bad_vol.contains_key(&t) {
+                Use::BrokenVolume(t)
+            } else {
+                continue;
+            };
+            if let Use::Volume(i) = u {
+                if !ds.contains(&i) {
+                    ds.push(i);
+                }
+            }
+            if !us.contains(&u) {
+                us.push(u);
+            }
+        }
+        deps.push(ds);
+        uses.push(us);
+    }
+
+    let (order, left) = graph::topo_order(&deps);
+
+    for &i in &order {
+        let v = &cfg.volumes[i];
+        let section = Some(Section::Volume(v.name.clone()));
+        let blocked = uses[i].iter().find_map(|u| match u {
+            Use::Volume(d) => {
+                let n = &cfg.volumes[*d].name;
+                bad_vol.get(n).map(|why| (format!("volume '{n}'"), *why))
+            }
+            Use::BrokenVolume(n) => bad_vol.get(n).map(|why| (format!("volume '{n}'"), *why)),
+            Use::Leaf(n) => bad_leaf.get(n).map(|why| (format!("leaf '{n}'"), *why)),
+        });
+        if let Some((what, why)) = blocked {
+            cx.error(
+                Some(v.line),
+                section,
+                ErrorKind::Skipped {
+                    uses: what,
+                    why: why.to_string(),
+                },
+            );
+            bad_vol.insert(v.name.clone(), "was skipped");
+            continue;
+        }
+        if let Err(e) = engine.create(&v.name, Some(&v.table)) {
+            let (line, kind) = match e {
+                EngineError::Table { source, .. } => {
+                    (v.file_line(source.line), ErrorKind::Table(source))
+                }
+                e => (v.line, ErrorKind::Engine(e.to_string())),
+            };
+            cx.error(Some(line), section, kind);
+            bad_vol.insert(v.name.clone(), "failed");
+        }
+    }
+
+    // Left over: volumes in a cycle, and volumes above one. Each cycle is reported once, at its
+    // first volume in the file.
+    let mut in_cycle = BTreeSet::new();
+    for comp in graph::components(&deps, &left) {
+        let looped = comp.len() > 1 || deps[comp[0]].contains(&comp[0]);
+        if !looped {
+            continue;
+        }
+        let start = comp[0];
+        let path = graph::cycle_through(&deps, &comp, start);
+        let others = comp
+            .iter()
+            .filter(|c| !path.contains(c))
+            .map(|&c| cfg.volumes[c].name.clone())
+            .collect();
+        let v = &cfg.volumes[start];
+        cx.error(
+            Some(v.line),
+            Some(Section::Volume(v.name.clone())),
+            ErrorKind::Cycle {
+                path: path.iter().map(|&p| cfg.volumes[p].name.clone()).collect(),
+                others,
+            },
+        );
+        in_cycle.extend(comp);
+    }
+    for &i in &left {
+        let v = &cfg.volumes[i];
+        if in_cycle.contains(&i) {
+            bad_vol.insert(v.name.clone(), "is in a cycle");
+            continue;
+        }
+        let d = deps[i]
+            .iter()
+            .copied()
+            .find(|d| left.contains(d))
+            .expect("a left-over volume uses another left-over one");
+        let why = if in_cycle.contains(&d) {
+            "is in a cycle"
+        } else {
+            "was skipped"
+        };
+        cx.error(
+            Some(v.line),
+            Some(Section::Volume(v.name.clone())),
+            ErrorKind::Skipped {
+                uses: format!("volume '{}'", cfg.volumes[d].name),
+                why: why.to_string(),
+            },
+        );
+        bad_vol.insert(v.name.clone(), "was skipped");
+    }
+
+    for e in &cfg.exports {
+        let section = Some(Section::Export(e.name.clone()));
+        let name = &e.volume;
+        let is_leaf = cfg.leaf(name).is_some() || bad_leaf.contains_key(name);
+        let kind = if !is_leaf && bad_vol.contains_key(name) {
+            ErrorKind::Skipped {
+                uses: format!("volume '{name}'"),
+                why: bad_vol[name].to_string(),
+            }
+        } else if index.contains_key(name.as_str()) {
+            continue;
+        } else if is_leaf {
+            ErrorKind::Invalid(format!(
+                "volume: '{name}' is a leaf; exports serve volumes (declare one with table = \
+                 \"0 <sectors> linear {name} 0\")"
+            ))
+        } else {
+            let known: Vec<_> = cfg.volumes.iter().map(|v| v.name.as_str()).collect();
+            ErrorKind::Invalid(format!(
+                "volume: no volume '{name}' is declared (volumes: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        };
+        cx.error(Some(e.line), section, kind);
+    }
+
+    cx.errors.is_empty().then(|| Built {
+        config: cfg.clone(),
+        engine,
+        order: order.iter().map(|&i| cfg.volumes[i].name.clone()).collect(),
+    })
+}
+
+/// Something a table names.
+#[derive(PartialEq, Eq)]
+enum Use {
+    /// A volume of the config, by index.
+    Volume(usize),
+    Leaf(String),
+    /// A volume declared in the file but left out of the config as invalid.
+    BrokenVolume(String),
+}
+
+/// Builds an engine with the config's leaves and volumes (volumes in dependency order), or
+/// every error found on the way.
+pub fn build(cfg: &Config, reactor: ReactorConfig) -> Result<Built, ConfigErrors> {
+    let mut cx = Cx {
+        path: cfg.path.as_deref(),
+        text: "",
+        lines: Lines::new(""),
+        errors: Vec::new(),
+        broken: BTreeSet::new(),
+    };
+    build_in(cfg, &BTreeSet::new(), reactor, &mut cx).ok_or_else(|| sorted(cx.errors))
+}
+
+/// Parses and builds config text, reporting every error in the file and in the stack it
+/// describes (a bad leaf does not hide a bad table elsewhere). `path` only labels errors.
+pub fn check_text(
+    text: &str,
+    path: Option<&Path>,
+    reactor: ReactorConfig,
+) -> Result<Built, ConfigErrors> {
+    let mut cx = Cx {
+        path,
+        text,
+        lines: Lines::new(text),
+        errors: Vec::new(),
+        broken: BTreeSet::new(),
+    };
+    let Some(cfg) = read(&mut cx) else {
+        return Err(sorted(cx.errors));
+    };
+    let broken = std::mem::take(&mut cx.broken);
+    match build_in(&cfg, &broken, reactor, &mut cx) {
+        Some(b) if cx.errors.is_empty() => Ok(b),
+        _ => Err(sorted(cx.errors)),
+    }
+}
+
+/// [`check_text`] on a file.
+pub fn check(path: impl AsRef<Path>, reactor: ReactorConfig) -> Result<Built, ConfigErrors> {
+    let path = path.as_ref();
+    check_text(&read_file(path)?, Some(path), reactor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512B"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("3M"), Ok(3 << 20));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("2TiB"), Ok(2 << 40));
+        for bad in [
+            "", "GiB", "1.5GiB", "1XB", "-1G", "1 gib", "1Gi", "1 G B", "0", "0G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_size("1GB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("1000").unwrap_err().contains("512-byte sectors"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(4194304 * 512), "2 GiB");
+        assert_eq!(human_bytes(1 << 62), "4 EiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn orders_volumes_by_dependency_in_file_order() {
+        let text = r#"
+            [leaf.m0]
+            kind = "null"
+            size = "1M"
+            [volume.top]
+            table = "0 8 linear mid 0"
+            [volume.mid]
+            table = "0 8 linear m0 0"
+            [volume.side]
+            table = "0 8 zero"
+        "#;
+        let b = check_text(text, None, ReactorConfig::default()).unwrap();
+        assert_eq!(b.order, ["mid", "top", "side"]);
+        let cfg = parse(text, None).unwrap();
+        assert_eq!(cfg.volumes[0].name, "top");
+        assert_eq!(cfg.volumes[0].line, 6);
+        assert_eq!(
+            build(&cfg, ReactorConfig::default()).unwrap().order,
+            b.order
+        );
+    }
+
+    #[test]
+    fn maps_table_lines_to_file_lines() {
+        let text = "[volume.v]\ntable = \"\"\"\n0 8 zero\n16 8 zero\n\"\"\"\n";
+        let e = check_text(text, None, ReactorConfig::default())
+            .err()
+            .unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e.0[0].line, Some(4), "{e}");
+        assert!(matches!(&e.0[0].kind, ErrorKind::Table(t) if t.line == 2));
+        // Escapes break the mapping: fall back to the `table =` line.
+        let text = "[volume.v]\ntable = \"0 8 zero\\n16 8 zero\"\n";
+        let e = check_text(text, None, ReactorConfig::default())
+            .err()
+            .unwrap();
+        assert_eq!(e.0[0].line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn reports_a_cycle_once_with_its_path() {
+        let text = r#"
+            [volume.a]
+            table = "0 8 linear b 0"
+            [volume.b]
+            table = "0 8 linear c 0"
+            [volume.c]
+            table = "0 8 linear a 0"
+            [volume.d]
+            table = "0 8 linear a 0"
+        "#;
+        let e = check_text(text, None, ReactorConfig::default())
+            .err()
+            .unwrap();
+        let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(msgs[0].ends_with("volume 'a' would stack on itself: a -> b -> c -> a"));
+        assert!(msgs[1].contains("skipped: it uses volume 'a', which is in a cycle"));
+    }
+
+    #[test]
+    fn strict_parse_refuses_what_check_reports() {
+        let text = "[leaf.m0]\nkind = \"mem\"\nsize = \"1GB\"\ncolour = 1\n";
+        let e = parse(text, Some(Path::new("x.toml"))).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("x.toml:3: [leaf.m0]: size: invalid size '1GB'"),
+            "{s}"
+        );
+        assert!(
+            s.contains("x.toml:4: [leaf.m0]: unknown key 'colour'"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn empty_sections_point_at_their_header() {
+        let text = "[leaf.m0]\nkind = \"null\"\nsize = 4096\n\n[leaf.x]\n";
+        let e = parse(text, None).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e.0[0].line, Some(5));
+        assert_eq!(
+            e.0[0].to_string(),
+            "5: [leaf.x]: missing 'kind' (one of: mem, null)"
+        );
+    }
+
+    #[test]
+    fn load_names_the_path_and_the_toml_location() {
+        let dir = std::env::temp_dir().join(format!("stackbd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[volume.v]\ntable = \"0 8 zero\"\ntable = \"x\"\n").unwrap();
+        let e = load(&path).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with(&format!("{}:3:1: ", path.display())), "{s}");
+        assert!(s.contains("duplicate key"), "{s}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn quotes_section_names_toml_would_quote() {
+        assert_eq!(
+            Section::Volume("a-b_1".into()).to_string(),
+            "[volume.a-b_1]"
+        );
+        assert_eq!(Section::Leaf("a.b".into()).to_string(), "[leaf.\"a.b\"]");
+    }
+}

@@ -1,0 +1,4 @@
+//! stackbd: the program around the engine. `config` reads the configuration file and builds the
+//! stack it describes.
+
+pub mod config;
