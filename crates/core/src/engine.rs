@@ -351,7 +351,8 @@ impl Engine {
     pub fn create(&mut self, name: &str, table: Option<&str>) -> Result<DevId, EngineError> {
         // Build the table before the name exists, so a bad table leaves nothing behind.
         let built = match table {
-            Some(text) => Some(self.build_table(name, None, text)?),
+            // Not created yet: no id can reach it, but its own name must not appear.
+            Some(text) => Some(self.build_table(name, Some(DevId(u32::MAX)), text)?),
             None => None,
         };
         let id = self.alloc_dev(name)?;

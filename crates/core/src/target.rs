@@ -211,6 +211,14 @@ impl<'a> CtorCx<'a> {
         offset: Sector,
         len: Sector,
     ) -> Result<(DevRef, DevInfo), ArgError> {
+        if let Some((_, my_name)) = self.this {
+            if name == my_name {
+                return Err(ArgError::new(
+                    field,
+                    format!("volume '{my_name}' would stack on itself"),
+                ));
+            }
+        }
         let info = self
             .lookup
             .lookup(name)
