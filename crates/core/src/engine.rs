@@ -7,6 +7,7 @@ use crate::buf::DataBuf;
 use crate::leaf::Leaf;
 use crate::limits::Limits;
 use crate::reactor::{Completion, Reactor, ReactorConfig, Request};
+use crate::runtime::{ReactorThreads, RuntimeConfig};
 use crate::status::Status;
 use crate::table::{Table, TableError};
 use crate::target::{DevInfo, DeviceLookup, TargetRegistry};
@@ -211,12 +212,29 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 128
 }
 
-/// Leaves, volumes and one reactor.
+/// Where an engine's I/O runs: on the caller's thread (library use, tests) or on reactor threads
+/// (the daemon, the bench).
+enum Reactors {
+    Inline(Box<Reactor>),
+    Threads(ReactorThreads),
+}
+
+impl Reactors {
+    /// Applies a control step to every reactor.
+    fn each(&mut self, f: impl Fn(&mut Reactor) + Clone + Send + 'static) {
+        match self {
+            Reactors::Inline(r) => f(r),
+            Reactors::Threads(t) => t.run_all(f),
+        }
+    }
+}
+
+/// Leaves, volumes and their reactors.
 pub struct Engine {
     targets: TargetRegistry,
     devs: Vec<DevEntry>,
     names: BTreeMap<String, DevId>,
-    reactor: Reactor,
+    reactors: Reactors,
     next_tag: u64,
     suspended_count: usize,
 }
@@ -226,23 +244,63 @@ pub struct Engine {
 const SYNC_TAG_BASE: u64 = 1 << 63;
 
 impl Engine {
+    /// An engine whose reactor runs on the caller's thread (`poll`, `io`, `read_at`...).
     pub fn new(targets: TargetRegistry, cfg: ReactorConfig) -> Engine {
+        Engine::with(targets, Reactors::Inline(Box::new(Reactor::new(cfg))))
+    }
+
+    /// An engine with reactor threads; I/O comes from frontends attached to them.
+    pub fn with_threads(targets: TargetRegistry, cfg: RuntimeConfig) -> std::io::Result<Engine> {
+        Ok(Engine::with(
+            targets,
+            Reactors::Threads(ReactorThreads::spawn(cfg)?),
+        ))
+    }
+
+    fn with(targets: TargetRegistry, reactors: Reactors) -> Engine {
         Engine {
             targets,
             devs: Vec::new(),
             names: BTreeMap::new(),
-            reactor: Reactor::new(cfg),
+            reactors,
             next_tag: SYNC_TAG_BASE,
             suspended_count: 0,
         }
     }
 
+    /// The reactor threads, if this engine has them.
+    pub fn threads(&self) -> Option<&ReactorThreads> {
+        match &self.reactors {
+            Reactors::Threads(t) => Some(t),
+            Reactors::Inline(_) => None,
+        }
+    }
+
+    /// Stops the reactor threads (after their frontends finished); no-op inline.
+    pub fn stop_threads(&mut self) {
+        if let Reactors::Threads(t) = &mut self.reactors {
+            t.stop();
+        }
+    }
+
+    /// The inline reactor. Panics on an engine with reactor threads, whose reactors belong to
+    /// their threads.
     pub fn reactor(&self) -> &Reactor {
-        &self.reactor
+        match &self.reactors {
+            Reactors::Inline(r) => r,
+            Reactors::Threads(_) => {
+                panic!("this engine runs reactor threads; attach a frontend instead")
+            }
+        }
     }
 
     pub fn reactor_mut(&mut self) -> &mut Reactor {
-        &mut self.reactor
+        match &mut self.reactors {
+            Reactors::Inline(r) => r,
+            Reactors::Threads(_) => {
+                panic!("this engine runs reactor threads; attach a frontend instead")
+            }
+        }
     }
 
     pub fn targets(&self) -> &TargetRegistry {
@@ -304,8 +362,9 @@ impl Engine {
     pub fn add_leaf(&mut self, name: &str, leaf: Arc<dyn Leaf>) -> Result<DevId, EngineError> {
         let id = self.alloc_dev(name)?;
         let lbs = leaf.limits().logical_block_sectors();
-        self.reactor
-            .install_leaf(id, leaf.channel(), leaf.size(), lbs);
+        let (l, size) = (leaf.clone(), leaf.size());
+        self.reactors
+            .each(move |r| r.install_leaf(id, l.channel(), size, lbs));
         self.devs[id.0 as usize] = DevEntry::Leaf(LeafEntry {
             name: name.to_string(),
             leaf,
@@ -328,7 +387,7 @@ impl Engine {
                 reason: format!("used by volume '{user}'"),
             });
         }
-        self.reactor.remove(id);
+        self.reactors.each(move |r| r.remove(id));
         self.devs[id.0 as usize] = DevEntry::Free;
         self.names.remove(name);
         Ok(())
@@ -356,7 +415,7 @@ impl Engine {
             None => None,
         };
         let id = self.alloc_dev(name)?;
-        self.reactor.install_volume(id);
+        self.reactors.each(move |r| r.install_volume(id));
         self.devs[id.0 as usize] = DevEntry::Volume(VolumeEntry {
             name: name.to_string(),
             active: None,
@@ -367,7 +426,9 @@ impl Engine {
         });
         if let Some(t) = built {
             let t = Arc::new(t);
-            self.reactor.set_table(id, Some(t.clone()));
+            let t2 = t.clone();
+            self.reactors
+                .each(move |r| r.set_table(id, Some(t2.clone())));
             self.volume_mut(id).active = Some(t);
             self.notify_pools();
         }
@@ -420,23 +481,28 @@ impl Engine {
                 e.target.presuspend(opts.noflush);
             }
         }
-        self.reactor.suspend(id);
-        let start = Instant::now();
-        while self.reactor.inflight(id) > 0 {
-            if self.reactor.poll() == 0 {
-                std::thread::yield_now();
+        self.reactors.each(move |r| r.suspend(id));
+        let drained = match &mut self.reactors {
+            Reactors::Inline(r) => {
+                let start = Instant::now();
+                while r.inflight(id) > 0 && start.elapsed() <= opts.drain_timeout {
+                    if r.poll() == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                r.inflight(id) == 0
             }
-            if start.elapsed() > opts.drain_timeout {
-                let n = self.reactor.inflight(id);
-                self.reactor.resume(id);
-                return Err(EngineError::invalid(
-                    name,
-                    format!(
-                        "suspend gave up: {n} I/Os still in flight after {:?}; volume left active",
-                        opts.drain_timeout
-                    ),
-                ));
-            }
+            Reactors::Threads(t) => t.drain(id, opts.drain_timeout),
+        };
+        if !drained {
+            self.reactors.each(move |r| r.resume(id));
+            return Err(EngineError::invalid(
+                name,
+                format!(
+                    "suspend gave up: I/O still in flight after {:?}; volume left active",
+                    opts.drain_timeout
+                ),
+            ));
         }
         self.volume_mut(id).suspended = Some(opts.deadline.map(|d| Instant::now() + d));
         self.suspended_count += 1;
@@ -455,14 +521,14 @@ impl Engine {
             let t = v.inactive.take();
             v.active = t.clone();
             v.events.raise();
-            self.reactor.set_table(id, t);
+            self.reactors.each(move |r| r.set_table(id, t.clone()));
             self.notify_pools();
         }
         let v = self.volume_mut(id);
         if v.suspended.take().is_some() {
             self.suspended_count -= 1;
         }
-        self.reactor.resume(id);
+        self.reactors.each(move |r| r.resume(id));
         Ok(())
     }
 
@@ -500,7 +566,7 @@ impl Engine {
         if self.volume_mut(id).suspended.is_some() {
             self.suspended_count -= 1;
         }
-        self.reactor.remove(id);
+        self.reactors.each(move |r| r.remove(id));
         self.devs[id.0 as usize] = DevEntry::Free;
         self.names.remove(name);
         self.notify_pools();
@@ -682,7 +748,7 @@ impl Engine {
             .map(|(i, _)| self.stacked_need(DevId(i as u32), 0))
             .max()
             .unwrap_or(0);
-        self.reactor.notify_frame_bytes(need);
+        self.reactors.each(move |r| r.notify_frame_bytes(need));
     }
 
     /// Frame bytes an I/O entering `id` needs with the live tables as they are now (a lower
@@ -714,7 +780,10 @@ impl Engine {
 
     /// Runs the reactor once, and resumes volumes whose suspend deadline passed.
     pub fn poll(&mut self) -> usize {
-        let n = self.reactor.poll();
+        let n = match &mut self.reactors {
+            Reactors::Inline(r) => r.poll(),
+            Reactors::Threads(_) => 0,
+        };
         if self.suspended_count > 0 {
             self.expire_suspends();
         }
@@ -741,11 +810,11 @@ impl Engine {
 
     /// Starts a top-level I/O; its completion comes back through `reap`.
     pub fn submit(&mut self, req: &Request) -> Result<(), Status> {
-        self.reactor.submit(req)
+        self.reactor_mut().submit(req)
     }
 
     pub fn reap(&mut self) -> Option<Completion> {
-        self.reactor.reap()
+        self.reactor_mut().reap()
     }
 
     /// Runs one I/O to completion on this thread (interrupt-free: the reactor runs inline).
@@ -754,7 +823,7 @@ impl Engine {
         self.next_tag += 1;
         req.user_data = tag;
         loop {
-            match self.reactor.submit(&req) {
+            match self.reactor_mut().submit(&req) {
                 Ok(()) => break,
                 Err(Status::Again) if !req.flags.contains(BioFlags::NOWAIT) => {
                     self.poll();
@@ -764,18 +833,19 @@ impl Engine {
         }
         let mut idle: u64 = 0;
         loop {
-            if let Some(c) = self.reactor.reap_tag(tag) {
+            if let Some(c) = self.reactor_mut().reap_tag(tag) {
                 return c.status;
             }
             if self.poll() == 0 {
                 idle += 1;
                 // With only synchronous leaves an idle reactor can never finish the I/O: that
                 // is a lost bio (a bug), or the I/O is held by a volume this thread suspended.
-                if idle > 100_000 && !self.reactor.has_async_leaves() {
+                let r = self.reactor();
+                if idle > 100_000 && !r.has_async_leaves() {
                     panic!(
                         "I/O never completed: nothing left to run ({} bios in use, {} held)",
-                        self.reactor.pool().in_use(),
-                        self.reactor.stats.held
+                        r.pool().in_use(),
+                        r.stats.held
                     );
                 }
                 std::hint::spin_loop();

@@ -37,6 +37,44 @@ pub trait LeafChannel: Send {
     fn needs_poll(&self) -> bool {
         false
     }
+
+    /// Block status of `[sector, sector + sectors)`: appends runs to `out` (adjacent runs with
+    /// the same flags may be merged by the caller). The default says "all data".
+    fn extents(&self, _sector: Sector, sectors: Sector, out: &mut Vec<Extent>) {
+        out.push(Extent { sectors, flags: 0 });
+    }
+
+    /// Called before the reactor sleeps: hand anything still queued to the kernel and say how
+    /// the reactor can learn about the next completion.
+    fn prepare_wait(&mut self) -> WaitHint {
+        WaitHint::Idle
+    }
+}
+
+/// One run of a block-status answer (NBD `base:allocation` semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub sectors: Sector,
+    /// [`Extent::HOLE`] | [`Extent::ZERO`], or 0 for allocated data.
+    pub flags: u32,
+}
+
+impl Extent {
+    /// Not allocated.
+    pub const HOLE: u32 = 1;
+    /// Reads as zeros.
+    pub const ZERO: u32 = 2;
+}
+
+/// How a sleeping reactor hears from a leaf channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitHint {
+    /// Nothing in flight: no need to wait for this channel.
+    Idle,
+    /// This fd becomes readable when a completion is ready (an io_uring ring fd).
+    Fd(std::os::fd::RawFd),
+    /// Completions only arrive by polling (IOPOLL rings): the reactor must not sleep.
+    Spin,
 }
 
 /// What a leaf channel can touch: the bios and the completion queue.

@@ -3,12 +3,14 @@
 //!
 //! Read `DESIGN.md` (shared) for the vocabulary; names here follow device-mapper's.
 
+pub mod alloc_count;
 pub mod bio;
 pub mod buf;
 pub mod engine;
 pub mod leaf;
 pub mod limits;
 pub mod reactor;
+pub mod runtime;
 pub mod status;
 pub mod table;
 pub mod target;

@@ -363,6 +363,112 @@ impl Reactor {
         }
     }
 
+    /// Before sleeping: every asynchronous leaf hands the kernel what it still holds, and says
+    /// what to wait on. Returns false if the reactor must not sleep (work queued, or a leaf that
+    /// completes only by polling has I/O in flight).
+    pub fn prepare_wait(&mut self, fds: &mut Vec<std::os::fd::RawFd>) -> bool {
+        let mut may_sleep = self.is_idle();
+        for i in 0..self.pollers.len() {
+            if let Some(Slot::Leaf(l)) = self.devs.get_mut(self.pollers[i].0 as usize) {
+                match l.chan.prepare_wait() {
+                    crate::leaf::WaitHint::Idle => {}
+                    crate::leaf::WaitHint::Fd(fd) => fds.push(fd),
+                    crate::leaf::WaitHint::Spin => may_sleep = false,
+                }
+            }
+        }
+        may_sleep
+    }
+
+    /// Block status of `[sector, sector + sectors)` of `dev`, walked down this reactor's tables to
+    /// the leaves. Appends at most `max_extents` runs (merging neighbours with equal flags) and
+    /// returns the sectors covered, which may be less than asked: NBD allows a short answer.
+    pub fn block_status(
+        &self,
+        dev: DevId,
+        sector: Sector,
+        sectors: Sector,
+        max_extents: usize,
+        out: &mut Vec<crate::leaf::Extent>,
+    ) -> Sector {
+        let start = out.len();
+        let mut covered = 0;
+        while covered < sectors && out.len() - start < max_extents {
+            let n = self.status_at(dev, sector + covered, sectors - covered, 0, out, start);
+            if n == 0 {
+                break;
+            }
+            covered += n;
+        }
+        covered
+    }
+
+    /// One step of the walk: answers a leading part of the range; returns its length.
+    fn status_at(
+        &self,
+        dev: DevId,
+        sector: Sector,
+        sectors: Sector,
+        depth: usize,
+        out: &mut Vec<crate::leaf::Extent>,
+        start: usize,
+    ) -> Sector {
+        use crate::leaf::Extent;
+        use crate::target::TargetExtent;
+        let push = |out: &mut Vec<Extent>, e: Extent| match out[start..].last_mut() {
+            Some(last) if last.flags == e.flags => last.sectors += e.sectors,
+            _ => out.push(e),
+        };
+        match self.devs.get(dev.0 as usize) {
+            Some(Slot::Leaf(l)) => {
+                let n = sectors.min(l.size.saturating_sub(sector));
+                let mut tmp = Vec::new();
+                l.chan.extents(sector, n, &mut tmp);
+                for e in tmp {
+                    push(out, e);
+                }
+                n
+            }
+            Some(Slot::Volume(v)) if depth < crate::bio::MAX_FRAMES => {
+                let Some(t) = v.table.as_deref() else {
+                    return 0;
+                };
+                if sector >= t.size() {
+                    return 0;
+                }
+                let e = &t.entries()[t.find(sector)];
+                let off = sector - e.start;
+                let len = sectors.min(e.len - off);
+                match e.target.extent(off, len) {
+                    TargetExtent::Dev { dev, sector, len } => {
+                        self.status_at(dev, sector, len, depth + 1, out, start)
+                    }
+                    TargetExtent::Zero { len } => {
+                        push(
+                            out,
+                            Extent {
+                                sectors: len,
+                                flags: Extent::HOLE | Extent::ZERO,
+                            },
+                        );
+                        len
+                    }
+                    TargetExtent::Data { len } => {
+                        push(
+                            out,
+                            Extent {
+                                sectors: len,
+                                flags: 0,
+                            },
+                        );
+                        len
+                    }
+                }
+            }
+            _ => 0,
+        }
+    }
+
     /// True if some leaf completes asynchronously (the reactor must keep polling it).
     pub fn has_async_leaves(&self) -> bool {
         !self.pollers.is_empty()

@@ -121,6 +121,12 @@ pub trait Target: Send + Sync + fmt::Debug + 'static {
     /// This target's limits: its own hints stacked with the devices under it.
     fn limits(&self, child: &dyn Fn(DevId) -> Limits) -> Limits;
 
+    /// Where `[offset, offset + len)` (relative to the target) lies, for block status: on a
+    /// device (possibly only a leading part of the range), or reading as zeros, or plain data.
+    fn extent(&self, _offset: Sector, len: Sector) -> TargetExtent {
+        TargetExtent::Data { len }
+    }
+
     /// The devices this target uses.
     fn devices(&self) -> Vec<DevId>;
 
@@ -143,6 +149,21 @@ pub trait Target: Send + Sync + fmt::Debug + 'static {
 
     /// Called before the volume is suspended (`noflush` keeps I/O queued inside the target).
     fn presuspend(&self, _noflush: bool) {}
+}
+
+/// Answer of [`Target::extent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetExtent {
+    /// The first `len` sectors lie on `dev` from `sector`.
+    Dev {
+        dev: DevId,
+        sector: Sector,
+        len: Sector,
+    },
+    /// `len` sectors that read as zeros and hold nothing (the `zero` target).
+    Zero { len: Sector },
+    /// `len` sectors of data with nothing below to ask.
+    Data { len: Sector },
 }
 
 /// A constructor argument was rejected.

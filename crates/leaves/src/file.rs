@@ -27,6 +27,7 @@
 use io_uring::{opcode, squeue, types, IoUring, SubmissionQueue};
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::ioctl::{opcode as ioc, Getter, Opcode, Setter};
+use stackbd_core::leaf::{Extent, WaitHint};
 use stackbd_core::{
     BioFlags, BioId, DataBuf, Leaf, LeafChannel, LeafCx, Limits, Op, Sector, Status, SECTOR_SIZE,
 };
@@ -1095,6 +1096,38 @@ impl LeafChannel for FileChannel {
 
     fn needs_poll(&self) -> bool {
         true
+    }
+
+    fn extents(&self, sector: Sector, sectors: Sector, out: &mut Vec<Extent>) {
+        let leaf = FileLeaf {
+            sh: self.st.sh.clone(),
+        };
+        for (n, alloc) in leaf.extents(sector, sectors) {
+            let flags = if alloc {
+                0
+            } else {
+                Extent::HOLE | Extent::ZERO
+            };
+            out.push(Extent { sectors: n, flags });
+        }
+    }
+
+    fn prepare_wait(&mut self) -> WaitHint {
+        let Some(ring) = self.ring.as_mut() else {
+            return WaitHint::Idle;
+        };
+        // SQEs pushed after the last enter (resubmits, backlog refills) must reach the kernel
+        // before the reactor sleeps, or their completions would never come.
+        if !ring.submission().is_empty() {
+            let _ = ring.submit();
+        }
+        if self.st.owed == 0 && self.st.backlog.is_empty() {
+            WaitHint::Idle
+        } else if self.st.iopoll {
+            WaitHint::Spin
+        } else {
+            WaitHint::Fd(std::os::fd::AsRawFd::as_raw_fd(ring))
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::region::Region;
 use crate::PAGE_BYTES;
+use stackbd_core::leaf::Extent;
 use stackbd_core::{
     BioFlags, BioId, Leaf, LeafChannel, LeafCx, Limits, Op, Sector, Status, SECTOR_SIZE,
 };
@@ -133,6 +134,21 @@ struct MemChannel {
 }
 
 impl LeafChannel for MemChannel {
+    fn extents(&self, sector: Sector, sectors: Sector, out: &mut Vec<Extent>) {
+        let leaf = MemLeaf {
+            shared: self.shared.clone(),
+            size_bytes: 0,
+        };
+        for (n, written) in leaf.extents(sector, sectors) {
+            let flags = if written {
+                0
+            } else {
+                Extent::HOLE | Extent::ZERO
+            };
+            out.push(Extent { sectors: n, flags });
+        }
+    }
+
     fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId) {
         let bio = cx.bio(id);
         let off = bio.sector as usize * SECTOR_SIZE;

@@ -1,7 +1,7 @@
 //! `linear <device> <offset>`: maps the target's range onto a device at an offset.
 //! A pure remap: it pushes no frame and costs an add.
 
-use stackbd_core::target::{expect_args, parse_num};
+use stackbd_core::target::{expect_args, parse_num, TargetExtent};
 use stackbd_core::{
     ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapCx, MapResult, Sector, Target,
 };
@@ -52,6 +52,14 @@ impl Target for Linear {
             l.misaligned = true;
         }
         l
+    }
+
+    fn extent(&self, offset: Sector, len: Sector) -> TargetExtent {
+        TargetExtent::Dev {
+            dev: self.dev.id,
+            sector: self.offset + offset,
+            len,
+        }
     }
 
     fn devices(&self) -> Vec<DevId> {

@@ -3,7 +3,7 @@
 //! It pushes a small frame (the stripe index) so completions can count errors per stripe for
 //! `status`, as dm-stripe reports `A` (alive) or `D` (dead) per device.
 
-use stackbd_core::target::parse_num;
+use stackbd_core::target::{parse_num, TargetExtent};
 use stackbd_core::{
     ArgError, Bio, CtorCx, DevId, DevRef, Endio, EndioCx, Limits, MapCx, MapResult, Op, Sector,
     Status, Target,
@@ -169,6 +169,15 @@ impl Target for Striped {
         l.io_min_bytes = l.io_min_bytes.max(chunk_bytes);
         l.io_opt_bytes = chunk_bytes.saturating_mul(self.stripes.len() as u32);
         l
+    }
+
+    fn extent(&self, offset: Sector, len: Sector) -> TargetExtent {
+        let (stripe, sector) = self.locate(offset);
+        TargetExtent::Dev {
+            dev: self.stripes[stripe].dev.id,
+            sector,
+            len: len.min(self.max_io_len(offset)),
+        }
     }
 
     fn devices(&self) -> Vec<DevId> {

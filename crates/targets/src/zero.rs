@@ -1,7 +1,9 @@
 //! `zero`: reads return zeros, writes are dropped (like /dev/zero).
 
-use stackbd_core::target::expect_args;
-use stackbd_core::{ArgError, Bio, CtorCx, DevId, Limits, MapCx, MapResult, Op, Status, Target};
+use stackbd_core::target::{expect_args, TargetExtent};
+use stackbd_core::{
+    ArgError, Bio, CtorCx, DevId, Limits, MapCx, MapResult, Op, Sector, Status, Target,
+};
 
 #[derive(Debug)]
 pub struct Zero;
@@ -27,6 +29,10 @@ impl Target for Zero {
 
     fn limits(&self, _child: &dyn Fn(DevId) -> Limits) -> Limits {
         Limits::TOP
+    }
+
+    fn extent(&self, _offset: Sector, len: Sector) -> TargetExtent {
+        TargetExtent::Zero { len }
     }
 
     fn devices(&self) -> Vec<DevId> {

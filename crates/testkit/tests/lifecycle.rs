@@ -416,3 +416,56 @@ mod canonical {
         }
     }
 }
+
+#[test]
+fn block_status_walks_the_stack_to_the_leaves() {
+    use stackbd_core::leaf::Extent;
+    let mut e = engine();
+    e.create(
+        "s",
+        Some("0 64 striped 2 16 m0 0 m1 0\n64 32 zero\n96 32 linear m0 512"),
+    )
+    .unwrap();
+    let v = e.dev_id("s").unwrap();
+    // Write sectors 0..16 (first chunk: m0 0..16) and 96..104 (m0 512..520).
+    assert_eq!(e.write_at(v, 0, &[1u8; 16 * 512]), Status::Ok);
+    assert_eq!(e.write_at(v, 96, &[1u8; 8 * 512]), Status::Ok);
+    let mut out = Vec::new();
+    let covered = e.reactor().block_status(v, 0, 128, 64, &mut out);
+    assert_eq!(covered, 128);
+    const HZ: u32 = Extent::HOLE | Extent::ZERO;
+    let want = vec![
+        Extent {
+            sectors: 16,
+            flags: 0,
+        },
+        Extent {
+            sectors: 80,
+            flags: HZ,
+        }, // 16..64 unwritten stripes, 64..96 zero target
+        Extent {
+            sectors: 8,
+            flags: 0,
+        },
+        Extent {
+            sectors: 24,
+            flags: HZ,
+        },
+    ];
+    assert_eq!(out, want);
+    // Discard punches the hole again (whole 4 KiB pages).
+    assert_eq!(e.discard(v, 0, 16), Status::Ok);
+    out.clear();
+    e.reactor().block_status(v, 0, 16, 64, &mut out);
+    assert_eq!(
+        out,
+        vec![Extent {
+            sectors: 16,
+            flags: HZ
+        }]
+    );
+    // A bounded answer is short, never wrong.
+    out.clear();
+    let covered = e.reactor().block_status(v, 0, 128, 1, &mut out);
+    assert!(covered < 128 && out.len() == 1);
+}

@@ -76,7 +76,7 @@ fn io_flows_through_repeated_table_swaps_without_loss_or_mixing() {
         }
     };
 
-    let mut check_done = |e: &mut Engine, ios: &mut HashMap<u64, Io>, completed: &mut u64| {
+    let check_done = |e: &mut Engine, ios: &mut HashMap<u64, Io>, completed: &mut u64| {
         while let Some(c) = e.reap() {
             assert_eq!(c.status, Status::Ok, "I/O {} failed", c.user_data);
             let io = ios

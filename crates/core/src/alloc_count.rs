@@ -2,7 +2,8 @@
 //! or a benchmark can prove "zero heap allocations per I/O" on its own thread.
 //!
 //! Install it in a test binary or the `stackbd` binary with
-//! `#[global_allocator] static A: CountingAlloc = CountingAlloc;`.
+//! `#[global_allocator] static A: CountingAlloc = CountingAlloc;`. Counting is per thread, so
+//! a reactor thread can report its own allocations per I/O.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -1,0 +1,522 @@
+//! Reactor threads: one per core, each owning a [`Reactor`] and the frontends (NBD connections,
+//! bench jobs) that live on it. Control operations reach a thread as messages it runs between two
+//! loop iterations, so the data path never takes a lock; a drain is acknowledged by the thread
+//! itself once its own in-flight count for the volume is zero.
+//!
+//! Completion modes (DESIGN "Completion modes and polling"):
+//! - `Poll`: never sleeps; reaps every queue in a loop, like SPDK.
+//! - `Interrupt`: when a loop iteration finds nothing to do, sleeps in `poll(2)` on the leaves'
+//!   ring fds, the frontends' sockets and the thread's wake eventfd.
+//! - `Hybrid`: spins for a short budget of idle iterations, then sleeps as `Interrupt` does.
+
+use crate::reactor::{Completion, Reactor, ReactorConfig, ReactorStats, Request};
+use crate::status::Status;
+use crate::DevId;
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a reactor waits when it has nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Interrupt,
+    Poll,
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "interrupt" => Ok(Mode::Interrupt),
+            "poll" => Ok(Mode::Poll),
+            "hybrid" => Ok(Mode::Hybrid),
+            _ => Err(format!("unknown mode '{s}' (interrupt, poll, hybrid)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Interrupt => "interrupt",
+            Mode::Poll => "poll",
+            Mode::Hybrid => "hybrid",
+        })
+    }
+}
+
+/// Reactor threads' settings.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeConfig {
+    pub reactors: usize,
+    pub mode: Mode,
+    /// Hybrid mode spins this long without work before it sleeps.
+    pub hybrid_spin: Duration,
+    /// Pin reactor i to CPU i (mod the CPU count).
+    pub pin: bool,
+    pub reactor: ReactorConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            reactors: 1,
+            mode: Mode::Interrupt,
+            hybrid_spin: Duration::from_micros(50),
+            pin: false,
+            reactor: ReactorConfig::default(),
+        }
+    }
+}
+
+/// Something that lives on a reactor thread and drives I/O: an NBD connection, a bench job.
+/// Its tags (the low 48 bits of `user_data`) come back in `complete`.
+pub trait Frontend: Send {
+    /// Does whatever work is ready (read sockets, submit I/O). Returns the amount done (0 =
+    /// nothing, so the reactor may sleep).
+    fn poll(&mut self, cx: &mut FrontendCx<'_>) -> usize;
+
+    /// A completion for one of this frontend's I/Os.
+    fn complete(&mut self, cx: &mut FrontendCx<'_>, c: Completion);
+
+    /// Fds to wait on before the reactor sleeps: (fd, also wait for writable).
+    fn wait_fds(&self, _out: &mut Vec<(RawFd, bool)>) {}
+
+    /// True when the frontend is done and can be dropped (after its I/O completed).
+    fn finished(&self) -> bool {
+        false
+    }
+}
+
+const TAG_SHIFT: u32 = 48;
+const TAG_MASK: u64 = (1 << TAG_SHIFT) - 1;
+
+/// What a frontend may use: its reactor, with its tags applied.
+pub struct FrontendCx<'a> {
+    pub reactor: &'a mut Reactor,
+    slot: u64,
+    /// The reactor thread's index.
+    pub thread: usize,
+}
+
+impl FrontendCx<'_> {
+    /// Starts an I/O; `req.user_data` (48 bits) comes back in `Frontend::complete`.
+    pub fn submit(&mut self, req: &Request) -> Result<(), Status> {
+        debug_assert!(req.user_data <= TAG_MASK, "frontend tags are 48 bits");
+        let mut r = *req;
+        r.user_data = (self.slot << TAG_SHIFT) | (req.user_data & TAG_MASK);
+        self.reactor.submit(&r)
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Reactor) + Send>;
+
+enum Msg {
+    /// Run on the reactor, then acknowledge.
+    Run(Job, SyncSender<()>),
+    /// Acknowledge once nothing is in flight for the volume on this thread.
+    Drain(DevId, SyncSender<()>),
+    Attach(Box<dyn Frontend>),
+    Stop,
+}
+
+/// What a reactor thread shares with the control side.
+struct Shared {
+    wake: OwnedFd,
+    sleeping: AtomicBool,
+    /// Loop iterations, sleeps and completions, for stats.
+    loops: AtomicU64,
+    sleeps: AtomicU64,
+    frontends: AtomicU64,
+}
+
+struct Handle {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    join: Option<JoinHandle<ReactorStats>>,
+}
+
+impl Handle {
+    fn send(&self, m: Msg) {
+        // The thread may have stopped after a panic; the control side then sees missing acks.
+        let _ = self.tx.send(m);
+        if self.shared.sleeping.load(Ordering::SeqCst) {
+            let _ = rustix::io::write(&self.shared.wake, &1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// Counters of one reactor thread.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadStats {
+    pub loops: u64,
+    pub sleeps: u64,
+    pub frontends: u64,
+}
+
+/// The reactor threads of an engine.
+pub struct ReactorThreads {
+    threads: Vec<Handle>,
+    cfg: RuntimeConfig,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ReactorThreads {
+    pub fn spawn(cfg: RuntimeConfig) -> std::io::Result<ReactorThreads> {
+        let n = cfg.reactors.max(1);
+        let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = channel();
+            let shared = Arc::new(Shared {
+                wake: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+                sleeping: AtomicBool::new(false),
+                loops: AtomicU64::new(0),
+                sleeps: AtomicU64::new(0),
+                frontends: AtomicU64::new(0),
+            });
+            let sh = shared.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("reactor-{i}"))
+                .spawn(move || {
+                    if cfg.pin {
+                        pin_to_cpu(i % cpus);
+                    }
+                    ThreadLoop::new(i, cfg, rx, sh).run()
+                })?;
+            threads.push(Handle {
+                tx,
+                shared,
+                join: Some(join),
+            });
+        }
+        Ok(ReactorThreads {
+            threads,
+            cfg,
+            next: 0.into(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+
+    /// Runs `f` on every reactor and waits until all have run it.
+    pub fn run_all(&self, f: impl Fn(&mut Reactor) + Clone + Send + 'static) {
+        let (tx, rx) = sync_channel(self.threads.len());
+        for t in &self.threads {
+            let f = f.clone();
+            t.send(Msg::Run(Box::new(move |r: &mut Reactor| f(r)), tx.clone()));
+        }
+        drop(tx);
+        for _ in 0..self.threads.len() {
+            // A reactor that died (panic) drops its sender: stop waiting for it.
+            if rx.recv().is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Runs `f` on reactor `i` and returns its result.
+    pub fn run_on<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut Reactor) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = sync_channel(1);
+        let (out_tx, out_rx) = sync_channel(1);
+        self.threads[i % self.threads.len()].send(Msg::Run(
+            Box::new(move |r: &mut Reactor| {
+                let _ = out_tx.send(f(r));
+            }),
+            tx,
+        ));
+        let _ = rx.recv();
+        out_rx.recv().ok()
+    }
+
+    /// Waits until no reactor has I/O in flight for `dev`; false on timeout.
+    pub fn drain(&self, dev: DevId, timeout: Duration) -> bool {
+        let (tx, rx) = sync_channel(self.threads.len());
+        for t in &self.threads {
+            t.send(Msg::Drain(dev, tx.clone()));
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        for _ in 0..self.threads.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Places a frontend on a reactor (round robin when `on` is None); returns the reactor.
+    pub fn attach(&self, fe: Box<dyn Frontend>, on: Option<usize>) -> usize {
+        let i =
+            on.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed)) % self.threads.len();
+        self.threads[i].send(Msg::Attach(fe));
+        i
+    }
+
+    /// Frontends still attached, over all reactors.
+    pub fn frontends(&self) -> u64 {
+        self.threads
+            .iter()
+            .map(|t| t.shared.frontends.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn thread_stats(&self) -> Vec<ThreadStats> {
+        self.threads
+            .iter()
+            .map(|t| ThreadStats {
+                loops: t.shared.loops.load(Ordering::Relaxed),
+                sleeps: t.shared.sleeps.load(Ordering::Relaxed),
+                frontends: t.shared.frontends.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Stops every thread after its frontends finished; returns each reactor's counters.
+    pub fn stop(&mut self) -> Vec<ReactorStats> {
+        for t in &self.threads {
+            t.send(Msg::Stop);
+        }
+        self.threads
+            .iter_mut()
+            .filter_map(|t| t.join.take()?.join().ok())
+            .collect()
+    }
+}
+
+impl Drop for ReactorThreads {
+    fn drop(&mut self) {
+        if self.threads.iter().any(|t| t.join.is_some()) {
+            self.stop();
+        }
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
+struct ThreadLoop {
+    index: usize,
+    cfg: RuntimeConfig,
+    reactor: Reactor,
+    frontends: Vec<Option<Box<dyn Frontend>>>,
+    drains: Vec<(DevId, SyncSender<()>)>,
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
+    stopping: bool,
+    fds: Vec<RawFd>,
+    fe_fds: Vec<(RawFd, bool)>,
+    /// Reused every sleep, so sleeping allocates nothing in steady state.
+    pfds: Vec<PollFd<'static>>,
+}
+
+impl ThreadLoop {
+    fn new(index: usize, cfg: RuntimeConfig, rx: Receiver<Msg>, shared: Arc<Shared>) -> ThreadLoop {
+        ThreadLoop {
+            index,
+            cfg,
+            reactor: Reactor::new(cfg.reactor),
+            frontends: Vec::new(),
+            drains: Vec::new(),
+            rx,
+            shared,
+            stopping: false,
+            fds: Vec::with_capacity(64),
+            fe_fds: Vec::with_capacity(64),
+            pfds: Vec::with_capacity(128),
+        }
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Run(f, ack) => {
+                f(&mut self.reactor);
+                let _ = ack.send(());
+            }
+            Msg::Drain(dev, ack) => self.drains.push((dev, ack)),
+            Msg::Attach(fe) => {
+                let slot = self
+                    .frontends
+                    .iter()
+                    .position(Option::is_none)
+                    .unwrap_or_else(|| {
+                        self.frontends.push(None);
+                        self.frontends.len() - 1
+                    });
+                self.frontends[slot] = Some(fe);
+                self.shared.frontends.fetch_add(1, Ordering::Relaxed);
+            }
+            Msg::Stop => self.stopping = true,
+        }
+    }
+
+    /// One pass over messages, frontends, the reactor and completions. Returns work done.
+    fn turn(&mut self) -> usize {
+        let mut work = 0;
+        while let Ok(m) = self.rx.try_recv() {
+            self.handle(m);
+            work += 1;
+        }
+        for slot in 0..self.frontends.len() {
+            if let Some(fe) = self.frontends[slot].as_mut() {
+                let mut cx = FrontendCx {
+                    reactor: &mut self.reactor,
+                    slot: slot as u64,
+                    thread: self.index,
+                };
+                work += fe.poll(&mut cx);
+            }
+        }
+        work += self.reactor.poll();
+        while let Some(c) = self.reactor.reap() {
+            work += 1;
+            let slot = (c.user_data >> TAG_SHIFT) as usize;
+            if let Some(Some(fe)) = self.frontends.get_mut(slot) {
+                let mut cx = FrontendCx {
+                    reactor: &mut self.reactor,
+                    slot: slot as u64,
+                    thread: self.index,
+                };
+                fe.complete(
+                    &mut cx,
+                    Completion {
+                        user_data: c.user_data & TAG_MASK,
+                        status: c.status,
+                    },
+                );
+            }
+        }
+        for slot in 0..self.frontends.len() {
+            if self.frontends[slot].as_ref().is_some_and(|f| f.finished()) {
+                self.frontends[slot] = None;
+                self.shared.frontends.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if !self.drains.is_empty() {
+            let r = &self.reactor;
+            self.drains.retain(|(dev, ack)| {
+                if r.inflight(*dev) == 0 {
+                    let _ = ack.send(());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        work
+    }
+
+    fn run(mut self) -> ReactorStats {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            let work = self.turn();
+            self.shared.loops.fetch_add(1, Ordering::Relaxed);
+            if self.stopping
+                && self.frontends.iter().all(Option::is_none)
+                && self.reactor.outstanding() == 0
+            {
+                return self.reactor.stats;
+            }
+            if work > 0 {
+                idle_since = None;
+                continue;
+            }
+            match self.cfg.mode {
+                Mode::Poll => std::hint::spin_loop(),
+                Mode::Interrupt => self.sleep(),
+                Mode::Hybrid => {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.cfg.hybrid_spin {
+                        self.sleep();
+                        idle_since = None;
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps in the kernel until a leaf completes, a socket is ready or a message arrives.
+    fn sleep(&mut self) {
+        self.fds.clear();
+        if !self.reactor.prepare_wait(&mut self.fds) {
+            return;
+        }
+        self.fe_fds.clear();
+        for fe in self.frontends.iter().flatten() {
+            fe.wait_fds(&mut self.fe_fds);
+        }
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        // A message sent before `sleeping` was visible did not write the eventfd: look again.
+        match self.rx.try_recv() {
+            Ok(m) => {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                self.handle(m);
+                return;
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                self.stopping = true;
+                return;
+            }
+            Err(_) => {}
+        }
+        // Bounded: stray states never hang a reactor for long.
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        // SAFETY: every fd belongs to this thread's leaves, frontends or wake eventfd, which
+        // stay alive and keep their fds open while this thread sleeps; `pfds` is cleared before
+        // any of them can go away (the next turn).
+        let borrow = |fd: RawFd| unsafe { BorrowedFd::borrow_raw(fd) };
+        self.pfds.clear();
+        self.pfds.push(PollFd::from_borrowed_fd(
+            borrow(self.shared.wake.as_raw_fd()),
+            PollFlags::IN,
+        ));
+        for &fd in &self.fds {
+            self.pfds
+                .push(PollFd::from_borrowed_fd(borrow(fd), PollFlags::IN));
+        }
+        for &(fd, w) in &self.fe_fds {
+            let f = if w {
+                PollFlags::IN | PollFlags::OUT
+            } else {
+                PollFlags::IN
+            };
+            self.pfds.push(PollFd::from_borrowed_fd(borrow(fd), f));
+        }
+        let _ = poll(&mut self.pfds, Some(&timeout));
+        self.pfds.clear();
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        self.shared.sleeps.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(self.shared.wake.as_fd(), &mut buf);
+    }
+}
