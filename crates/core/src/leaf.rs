@@ -19,6 +19,11 @@ pub trait Leaf: Send + Sync + fmt::Debug {
     fn args(&self) -> String;
     /// A per-reactor channel to this leaf.
     fn channel(&self) -> Box<dyn LeafChannel>;
+
+    /// Makes written data durable, outside the data path (daemon shutdown).
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One reactor's queue to a leaf.

@@ -144,11 +144,34 @@ struct Handle {
 
 impl Handle {
     fn send(&self, m: Msg) {
-        // The thread may have stopped after a panic; the control side then sees missing acks.
-        let _ = self.tx.send(m);
-        if self.shared.sleeping.load(Ordering::SeqCst) {
-            let _ = rustix::io::write(&self.shared.wake, &1u64.to_ne_bytes());
-        }
+        send_to(&self.tx, &self.shared, m);
+    }
+}
+
+/// Sends a message and wakes the thread if it sleeps. A thread that stopped after a panic just
+/// drops the message; the control side then sees a missing acknowledgement.
+fn send_to(tx: &Sender<Msg>, shared: &Shared, m: Msg) {
+    let _ = tx.send(m);
+    if shared.sleeping.load(Ordering::SeqCst) {
+        let _ = rustix::io::write(&shared.wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// Attaches frontends to reactor threads; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Attacher {
+    threads: Vec<(Sender<Msg>, Arc<Shared>)>,
+    next: Arc<AtomicU64>,
+}
+
+impl Attacher {
+    /// Places a frontend on a reactor (round robin when `on` is None); returns the reactor.
+    pub fn attach(&self, fe: Box<dyn Frontend>, on: Option<usize>) -> usize {
+        let i = on.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) as usize)
+            % self.threads.len();
+        let (tx, shared) = &self.threads[i];
+        send_to(tx, shared, Msg::Attach(fe));
+        i
     }
 }
 
@@ -272,6 +295,18 @@ impl ReactorThreads {
             on.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed)) % self.threads.len();
         self.threads[i].send(Msg::Attach(fe));
         i
+    }
+
+    /// A handle that attaches frontends from any thread (an acceptor), without the engine.
+    pub fn attacher(&self) -> Attacher {
+        Attacher {
+            threads: self
+                .threads
+                .iter()
+                .map(|t| (t.tx.clone(), t.shared.clone()))
+                .collect(),
+            next: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Frontends still attached, over all reactors.

@@ -467,6 +467,10 @@ fn probe_iopoll(path: &Path, blockdev: bool, lbs: u32, mem_align: usize) -> bool
 }
 
 impl Leaf for FileLeaf {
+    fn sync(&self) -> io::Result<()> {
+        self.sh.file.sync_data()
+    }
+
     fn kind(&self) -> &'static str {
         "file"
     }
