@@ -322,6 +322,11 @@ pub struct Bio {
     pub user_data: u64,
     /// A clone's parent and the offset of the parent's split frame.
     pub(crate) parent: Option<(BioId, u32)>,
+    /// The top-level bio this one belongs to (itself if top-level).
+    pub(crate) root: BioId,
+    /// On a top-level bio: the asynchronous leaf queues its pieces reached (one bit each), so a
+    /// polled wait polls only those.
+    pub(crate) touched: u64,
     pub frames: FrameStack,
 }
 
@@ -339,6 +344,8 @@ impl Bio {
             map_index: 0,
             user_data: 0,
             parent: None,
+            root: BioId(0),
+            touched: 0,
             frames: FrameStack::new(frame_words),
         }
     }

@@ -17,7 +17,7 @@ pub mod target;
 
 pub use bio::{Bio, BioFlags, BioId, Op};
 pub use buf::DataBuf;
-pub use engine::{Engine, EngineError, SuspendOpts, VolumeInfo};
+pub use engine::{Engine, EngineError, SuspendOpts, VolumeHandle, VolumeInfo, Wait};
 pub use leaf::{Leaf, LeafChannel, LeafCx};
 pub use limits::Limits;
 pub use reactor::{Completion, Reactor, ReactorConfig, Request};

@@ -104,6 +104,8 @@ struct LeafState {
     chan: Box<dyn LeafChannel>,
     size: Sector,
     lbs_sectors: u32,
+    /// This leaf's bit in `Bio::touched` (0 for leaves that complete inline).
+    poll_bit: u64,
 }
 
 enum Slot {
@@ -199,13 +201,17 @@ impl Reactor {
         size: Sector,
         lbs_sectors: u32,
     ) {
-        if chan.needs_poll() {
+        let poll_bit = if chan.needs_poll() {
             self.pollers.push(dev);
-        }
+            1u64 << (self.pollers.len() - 1).min(63)
+        } else {
+            0
+        };
         *self.slot_mut(dev) = Slot::Leaf(LeafState {
             chan,
             size,
             lbs_sectors: lbs_sectors.max(1),
+            poll_bit,
         });
     }
 
@@ -276,6 +282,11 @@ impl Reactor {
     /// Checks and queues a top-level I/O. Bad requests and a full pool are refused here, before
     /// anything is allocated; the caller sees the status at once.
     pub fn submit(&mut self, req: &Request) -> Result<(), Status> {
+        self.submit_id(req).map(|_| ())
+    }
+
+    /// As `submit`, and returns the bio, for a polled wait on it.
+    pub fn submit_id(&mut self, req: &Request) -> Result<BioId, Status> {
         let r = self.check(req);
         if let Err(s) = r {
             self.stats.refused += 1;
@@ -296,9 +307,11 @@ impl Reactor {
         bio.user_data = req.user_data;
         bio.status = Status::Ok;
         bio.parent = None;
+        bio.root = id;
+        bio.touched = 0;
         self.submit_q.push_back(id);
         self.stats.submitted += 1;
-        Ok(())
+        Ok(id)
     }
 
     fn check(&self, req: &Request) -> Result<(), Status> {
@@ -474,6 +487,44 @@ impl Reactor {
         !self.pollers.is_empty()
     }
 
+    /// A polled wait's step: runs the queues and polls only the asynchronous leaf queues that
+    /// top-level bio `root` reached (all of them if it reached none yet). Returns work done.
+    pub fn poll_touched(&mut self, root: BioId) -> usize {
+        let mut work = 0;
+        loop {
+            let mut round = 0;
+            while let Some(id) = self.submit_q.pop_front() {
+                self.run_submit(id);
+                round += 1;
+            }
+            while let Some(id) = self.complete_q.pop_front() {
+                self.run_complete(id);
+                round += 1;
+            }
+            let touched = self.pool.get(root).touched;
+            for i in 0..self.pollers.len() {
+                let dev = self.pollers[i];
+                if let Some(Slot::Leaf(l)) = self.devs.get_mut(dev.0 as usize) {
+                    if touched == 0 || touched & l.poll_bit != 0 {
+                        round += l.chan.poll(&mut LeafCx {
+                            pool: &mut self.pool,
+                            complete_q: &mut self.complete_q,
+                        });
+                    }
+                }
+            }
+            work += round;
+            if self.submit_q.is_empty() && self.complete_q.is_empty() {
+                return work;
+            }
+        }
+    }
+
+    /// Which asynchronous leaf queues a top-level bio reached so far (one bit per queue).
+    pub fn touched(&self, root: BioId) -> u64 {
+        self.pool.get(root).touched
+    }
+
     /// True when nothing is queued inside the reactor (leaves may still have I/O in flight).
     pub fn is_idle(&self) -> bool {
         self.submit_q.is_empty() && self.complete_q.is_empty()
@@ -515,6 +566,10 @@ impl Reactor {
                         pool.get_mut(id).status = Status::OutOfRange;
                         complete_q.push_back(id);
                     } else {
+                        if l.poll_bit != 0 {
+                            let root = bio.root;
+                            pool.get_mut(root).touched |= l.poll_bit;
+                        }
                         l.chan.submit(&mut LeafCx { pool, complete_q }, id);
                     }
                     return;
@@ -697,9 +752,9 @@ fn map_in_table(
         for &(ti, k) in rest {
             let off = add_piece(pool, fallback);
             let c = pool.alloc(false).expect("clone allocation never fails");
-            let (flags, user_data) = {
+            let (flags, user_data, root) = {
                 let b = pool.get(id);
-                (b.flags, b.user_data)
+                (b.flags, b.user_data, b.root)
             };
             let cb = pool.get_mut(c);
             cb.op = Op::Flush;
@@ -709,6 +764,7 @@ fn map_in_table(
             cb.sectors = 0;
             cb.data = DataBuf::EMPTY;
             cb.user_data = user_data;
+            cb.root = root;
             cb.map_index = k;
             cb.parent = Some((id, off));
             let r = entries[ti as usize].target.map(
@@ -764,7 +820,8 @@ fn map_in_table(
         let frame_off = add_piece(pool, fallback);
         let c = pool.alloc(false).expect("clone allocation never fails");
         let bio = pool.get(id);
-        let (op, flags, user_data, copy_src) = (bio.op, bio.flags, bio.user_data, bio.copy_src);
+        let (op, flags, user_data, copy_src, root) =
+            (bio.op, bio.flags, bio.user_data, bio.copy_src, bio.root);
         let lead = if op.has_data() {
             bio.data.slice(0, n as usize * SECTOR_SIZE)
         } else {
@@ -780,6 +837,7 @@ fn map_in_table(
             cb.copy_src = copy_src;
             cb.data = lead;
             cb.user_data = user_data;
+            cb.root = root;
             cb.parent = Some((id, frame_off));
         }
         {

@@ -348,6 +348,31 @@ impl Drop for ReactorThreads {
     }
 }
 
+/// Sleeps in `poll(2)` until one of `fds` is readable (or writable, where asked) or the timeout
+/// passes. `pfds` is scratch space kept by the caller, so a sleep allocates nothing once warm.
+///
+/// # Safety
+/// Every fd must stay open for the duration of the call.
+pub(crate) unsafe fn sleep_on(
+    pfds: &mut Vec<PollFd<'static>>,
+    fds: impl Iterator<Item = (RawFd, bool)>,
+    timeout: &Timespec,
+) {
+    pfds.clear();
+    for (fd, write) in fds {
+        // SAFETY: the caller keeps the fd open while we poll it; `pfds` is cleared before return.
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        let f = if write {
+            PollFlags::IN | PollFlags::OUT
+        } else {
+            PollFlags::IN
+        };
+        pfds.push(PollFd::from_borrowed_fd(b, f));
+    }
+    let _ = poll(pfds, Some(timeout));
+    pfds.clear();
+}
+
 fn pin_to_cpu(cpu: usize) {
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
@@ -526,29 +551,13 @@ impl ThreadLoop {
             tv_sec: 0,
             tv_nsec: 100_000_000,
         };
-        // SAFETY: every fd belongs to this thread's leaves, frontends or wake eventfd, which
-        // stay alive and keep their fds open while this thread sleeps; `pfds` is cleared before
-        // any of them can go away (the next turn).
-        let borrow = |fd: RawFd| unsafe { BorrowedFd::borrow_raw(fd) };
-        self.pfds.clear();
-        self.pfds.push(PollFd::from_borrowed_fd(
-            borrow(self.shared.wake.as_raw_fd()),
-            PollFlags::IN,
-        ));
-        for &fd in &self.fds {
-            self.pfds
-                .push(PollFd::from_borrowed_fd(borrow(fd), PollFlags::IN));
-        }
-        for &(fd, w) in &self.fe_fds {
-            let f = if w {
-                PollFlags::IN | PollFlags::OUT
-            } else {
-                PollFlags::IN
-            };
-            self.pfds.push(PollFd::from_borrowed_fd(borrow(fd), f));
-        }
-        let _ = poll(&mut self.pfds, Some(&timeout));
-        self.pfds.clear();
+        let wake = self.shared.wake.as_raw_fd();
+        let fds = std::iter::once((wake, false))
+            .chain(self.fds.iter().map(|&fd| (fd, false)))
+            .chain(self.fe_fds.iter().copied());
+        // SAFETY: every fd belongs to this thread's leaves, frontends or wake eventfd, all alive
+        // and open for the duration of the call.
+        unsafe { sleep_on(&mut self.pfds, fds, &timeout) };
         self.shared.sleeping.store(false, Ordering::SeqCst);
         self.shared.sleeps.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 8];

@@ -310,3 +310,24 @@ pub fn mem_leaves() -> impl FnMut(Sector) -> Arc<dyn Leaf> {
         Arc::new(stackbd_leaves::MemLeaf::new(sectors * 512).expect("mem leaf")) as Arc<dyn Leaf>
     }
 }
+
+/// A file leaf factory for `build`: each leaf is a fresh sparse temporary file in `dir`.
+pub fn file_leaves(
+    dir: &std::path::Path,
+    direct: bool,
+) -> impl FnMut(Sector) -> Arc<dyn Leaf> + '_ {
+    let mut n = 0;
+    move |sectors| {
+        n += 1;
+        let path = dir.join(format!("leaf{n}.img"));
+        let f = std::fs::File::create(&path).expect("create leaf file");
+        f.set_len(sectors * 512).expect("size leaf file");
+        let opts = stackbd_leaves::file::FileOptions {
+            direct,
+            queue_depth: 32,
+            ..Default::default()
+        };
+        Arc::new(stackbd_leaves::FileLeaf::open(&path, opts).expect("open file leaf"))
+            as Arc<dyn Leaf>
+    }
+}
