@@ -88,6 +88,8 @@ pub(crate) enum FrameKind {
     Split,
     /// A target's own frame; its `end_io` sees the context.
     Target { target: u16 },
+    /// An emulated copy piece (read into a bounce buffer, then write), parked until done.
+    CopyEmu,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -258,6 +260,15 @@ impl FrameStack {
         };
         self.depth += 1;
         off
+    }
+
+    /// The kind of the frame whose context is at `off` (searched from the top).
+    pub(crate) fn kind_at(&self, off: u32) -> Option<FrameKind> {
+        self.hdrs[..self.depth as usize]
+            .iter()
+            .rev()
+            .find(|h| h.ctx_off == off && h.ctx_words > 0)
+            .map(|h| h.kind)
     }
 
     pub(crate) fn peek(&self) -> Option<FrameHdr> {

@@ -49,6 +49,12 @@ pub trait LeafChannel: Send {
         out.push(Extent { sectors, flags: 0 });
     }
 
+    /// A file descriptor the kernel can copy to or from (`copy_file_range`), with the id of the
+    /// filesystem it lives on; `None` for leaves that are not files.
+    fn copy_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
     /// Called before the reactor sleeps: hand anything still queued to the kernel and say how
     /// the reactor can learn about the next completion.
     fn prepare_wait(&mut self) -> WaitHint {

@@ -6,6 +6,7 @@
 pub mod alloc_count;
 pub mod bio;
 pub mod buf;
+pub mod copy;
 pub mod engine;
 pub mod leaf;
 pub mod limits;
@@ -17,7 +18,7 @@ pub mod target;
 
 pub use bio::{Bio, BioFlags, BioId, Op};
 pub use buf::DataBuf;
-pub use engine::{Engine, EngineError, SuspendOpts, VolumeHandle, VolumeInfo, Wait};
+pub use engine::{CopyReport, Engine, EngineError, SuspendOpts, VolumeHandle, VolumeInfo, Wait};
 pub use leaf::{Leaf, LeafChannel, LeafCx};
 pub use limits::Limits;
 pub use reactor::{Completion, Reactor, ReactorConfig, Request};

@@ -89,6 +89,12 @@ pub struct ReactorStats {
     pub splits: u64,
     /// Bios held by a suspended volume.
     pub held: u64,
+    /// Copy bytes done natively by a leaf (the copy travelled down to it).
+    pub copy_offloaded_bytes: u64,
+    /// Copy bytes copied by the kernel between two file leaves (`copy_file_range`).
+    pub copy_kernel_bytes: u64,
+    /// Copy bytes emulated by a layer (read into a bounce buffer, then written).
+    pub copy_emulated_bytes: u64,
 }
 
 /// A reactor's view of one volume.
@@ -146,8 +152,68 @@ pub struct Reactor {
     submit_q: VecDeque<BioId>,
     complete_q: VecDeque<BioId>,
     done: VecDeque<Completion>,
+    copy_bufs: CopyBufs,
     pub stats: ReactorStats,
 }
+
+/// Bounce buffers for emulated copies: a bounded set, made on first use and kept, so emulation
+/// allocates nothing in steady state and never has more than `max` chunks in flight.
+#[derive(Debug)]
+struct CopyBufs {
+    bufs: Vec<Box<[u8]>>,
+    free: Vec<u32>,
+    /// Pieces waiting for a buffer, in arrival order.
+    waiting: VecDeque<BioId>,
+    max: usize,
+}
+
+/// Sectors per emulated copy step (the bounce buffer size).
+pub const COPY_CHUNK_SECTORS: u32 = 2048;
+
+impl CopyBufs {
+    fn acquire(&mut self) -> Option<u32> {
+        if let Some(i) = self.free.pop() {
+            return Some(i);
+        }
+        if self.bufs.len() < self.max {
+            self.bufs
+                .push(vec![0u8; COPY_CHUNK_SECTORS as usize * SECTOR_SIZE].into_boxed_slice());
+            return Some(self.bufs.len() as u32 - 1);
+        }
+        None
+    }
+
+    /// The first `sectors` of buffer `i` as a bio data window.
+    fn window(&mut self, i: u32, sectors: u32) -> DataBuf {
+        let b = &mut self.bufs[i as usize][..sectors as usize * SECTOR_SIZE];
+        // SAFETY: the buffer is a boxed slice owned by this reactor; it never moves (only the Box
+        // pointer lives in the Vec) and is not freed or reused until the emulation step that
+        // holds index `i` has completed both its read and its write.
+        unsafe { DataBuf::from_slice(b) }
+    }
+}
+
+/// Context of an emulated copy piece.
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct CopyEmuCtx {
+    /// Source and destination, relative to their targets.
+    src: u64,
+    dst: u64,
+    done: u32,
+    total: u32,
+    /// Sectors in the step in flight.
+    chunk: u32,
+    buf: u32,
+    src_target: u16,
+    dst_target: u16,
+    /// 0: reading the chunk; 1: writing it.
+    phase: u8,
+    status: u8,
+    _pad: [u8; 2],
+}
+
+const NO_BUF: u32 = u32::MAX;
 
 impl Reactor {
     pub fn new(cfg: ReactorConfig) -> Reactor {
@@ -162,6 +228,12 @@ impl Reactor {
             submit_q: VecDeque::with_capacity(cap * 2),
             complete_q: VecDeque::with_capacity(cap * 2),
             done: VecDeque::with_capacity(cap * 2),
+            copy_bufs: CopyBufs {
+                bufs: Vec::new(),
+                free: Vec::new(),
+                waiting: VecDeque::with_capacity(cap),
+                max: 16,
+            },
             stats: ReactorStats::default(),
         }
     }
@@ -334,8 +406,26 @@ impl Reactor {
                     return Err(Status::Invalid);
                 }
             }
-            // Copy travels through stacks in a later step; refuse it cleanly until then.
-            Op::Copy => return Err(Status::NotSupported),
+            Op::Copy => {
+                if req.sectors == 0 || !req.data.is_empty() {
+                    return Err(Status::Invalid);
+                }
+                let n = req.sectors as u64;
+                // Overlapping copies are ordered by the copy engine, which cuts them into
+                // pieces that do not overlap; a single bio's pieces may run in any order.
+                if req.copy_src < req.sector.saturating_add(n)
+                    && req.sector < req.copy_src.saturating_add(n)
+                {
+                    return Err(Status::Invalid);
+                }
+                if !req.copy_src.is_multiple_of(lbs) {
+                    return Err(Status::Invalid);
+                }
+                match req.copy_src.checked_add(n) {
+                    Some(end) if end <= size => {}
+                    _ => return Err(Status::OutOfRange),
+                }
+            }
         }
         if !req.sector.is_multiple_of(lbs) || !(req.sectors as u64).is_multiple_of(lbs) {
             return Err(Status::Invalid);
@@ -535,6 +625,12 @@ impl Reactor {
         self.done.pop_front()
     }
 
+    /// Takes the first completion that `f` accepts, leaving the others queued.
+    pub fn reap_if(&mut self, f: impl Fn(&Completion) -> bool) -> Option<Completion> {
+        let i = self.done.iter().position(f)?;
+        self.done.remove(i)
+    }
+
     /// Takes the completion with this tag, leaving the others queued.
     pub fn reap_tag(&mut self, user_data: u64) -> Option<Completion> {
         let i = self.done.iter().position(|c| c.user_data == user_data)?;
@@ -555,6 +651,7 @@ impl Reactor {
             submit_q,
             complete_q,
             stats,
+            copy_bufs,
             ..
         } = self;
         loop {
@@ -562,10 +659,18 @@ impl Reactor {
             match devs.get_mut(dev.0 as usize) {
                 Some(Slot::Leaf(l)) => {
                     let bio = pool.get(id);
-                    if bio.op != Op::Flush && bio.end() > l.size {
+                    let src_end = if bio.op == Op::Copy {
+                        bio.copy_src + bio.sectors as u64
+                    } else {
+                        0
+                    };
+                    if bio.op != Op::Flush && (bio.end() > l.size || src_end > l.size) {
                         pool.get_mut(id).status = Status::OutOfRange;
                         complete_q.push_back(id);
                     } else {
+                        if bio.op == Op::Copy {
+                            stats.copy_offloaded_bytes += bio.bytes() as u64;
+                        }
                         if l.poll_bit != 0 {
                             let root = bio.root;
                             pool.get_mut(root).touched |= l.poll_bit;
@@ -588,10 +693,35 @@ impl Reactor {
                         complete_q.push_back(id);
                         return;
                     };
-                    if bio.op != Op::Flush && bio.end() > table.size() {
+                    let src_end = if bio.op == Op::Copy {
+                        bio.copy_src + bio.sectors as u64
+                    } else {
+                        0
+                    };
+                    if bio.op != Op::Flush && (bio.end() > table.size() || src_end > table.size()) {
                         bio.status = Status::OutOfRange;
                         complete_q.push_back(id);
                         return;
+                    }
+                    if bio.op == Op::Copy {
+                        // Copies may look further down the stack (kernel copies between files).
+                        let Some(Slot::Volume(v)) = devs.get(dev.0 as usize) else {
+                            unreachable!()
+                        };
+                        let table = v.table.as_deref().expect("checked above");
+                        let mut cx = CopyCx {
+                            devs,
+                            pool,
+                            fallback,
+                            submit_q,
+                            complete_q,
+                            stats,
+                            bufs: copy_bufs,
+                        };
+                        if !cx.map_copy(table, dev, id) {
+                            return;
+                        }
+                        continue;
                     }
                     if !map_in_table(table, dev, id, pool, fallback, submit_q, complete_q, stats) {
                         return;
@@ -614,8 +744,10 @@ impl Reactor {
             fallback,
             devs,
             submit_q,
+            complete_q,
             done,
             stats,
+            copy_bufs,
             ..
         } = self;
         loop {
@@ -655,10 +787,36 @@ impl Reactor {
                             return;
                         }
                     }
+                    FrameKind::CopyEmu => {
+                        unreachable!(
+                            "a parked copy piece completes through its steps, not its queue"
+                        )
+                    }
                 },
-                None => match bio.parent {
-                    Some((parent, off)) => {
-                        let status = bio.status;
+                None => match bio
+                    .parent
+                    .map(|(p, off)| (p, off, is_copy_emu(pool, p, off)))
+                {
+                    Some((parent, _, true)) => {
+                        let status = pool.get(id).status;
+                        pool.free(id, fallback);
+                        let mut cx = CopyCx {
+                            devs,
+                            pool,
+                            fallback,
+                            submit_q,
+                            complete_q,
+                            stats,
+                            bufs: copy_bufs,
+                        };
+                        if !cx.emu_step_done(parent, status) {
+                            return;
+                        }
+                        // The piece is done: complete it upward.
+                        id = parent;
+                    }
+                    Some((parent, off, false)) => {
+                        let status = pool.get(id).status;
                         pool.free(id, fallback);
                         let p = pool.get_mut(parent);
                         let mut ctx: SplitCtx = p.frames.ctx_at(off);
@@ -678,6 +836,7 @@ impl Reactor {
                         id = parent;
                     }
                     None => {
+                        let bio = pool.get(id);
                         done.push_back(Completion {
                             user_data: bio.user_data,
                             status: bio.status,
@@ -690,6 +849,10 @@ impl Reactor {
             }
         }
     }
+}
+
+fn is_copy_emu(pool: &BioPool, parent: BioId, off: u32) -> bool {
+    pool.get(parent).frames.kind_at(off) == Some(FrameKind::CopyEmu)
 }
 
 /// Puts a split parent back as it was at the split, with the merged status.
@@ -886,5 +1049,333 @@ fn finish_map(
             complete_q.push_back(id);
             false
         }
+    }
+}
+
+/// What the copy paths touch: the reactor's parts, borrowed apart.
+struct CopyCx<'a> {
+    devs: &'a [Slot],
+    pool: &'a mut BioPool,
+    fallback: &'a mut FrameFallback,
+    submit_q: &'a mut VecDeque<BioId>,
+    complete_q: &'a mut VecDeque<BioId>,
+    stats: &'a mut ReactorStats,
+    bufs: &'a mut CopyBufs,
+}
+
+impl CopyCx<'_> {
+    /// Maps a copy that entered `vol`. Pieces are cut where the source or the destination
+    /// crosses a boundary. Returns true if the original was remapped and goes on down.
+    fn map_copy(&mut self, table: &Table, vol: DevId, id: BioId) -> bool {
+        let entries = table.entries();
+        let mut split_off: Option<u32> = None;
+        loop {
+            let bio = self.pool.get(id);
+            let (dti, sti) = (table.find(bio.sector), table.find(bio.copy_src));
+            let (de, se) = (&entries[dti], &entries[sti]);
+            let (doff, soff) = (bio.sector - de.start, bio.copy_src - se.start);
+            let avail = (de.len - doff)
+                .min(de.target.max_io_len(doff))
+                .min(se.len - soff)
+                .min(se.target.max_io_len(soff));
+            if bio.sectors as Sector <= avail {
+                let n = bio.sectors;
+                return self.route_piece(table, vol, id, (dti, doff), (sti, soff), n);
+            }
+            let n = avail as u32;
+            let bio = self.pool.get_mut(id);
+            let off = *split_off.get_or_insert_with(|| {
+                let ctx = SplitCtx {
+                    sector: bio.sector,
+                    copy_src: bio.copy_src,
+                    sectors: bio.sectors,
+                    pending: 1,
+                    ..SplitCtx::default()
+                };
+                bio.frames.push(FrameKind::Split, vol, &ctx, self.fallback)
+            });
+            let mut ctx: SplitCtx = bio.frames.ctx_at(off);
+            ctx.pending += 1;
+            bio.frames.set_ctx_at(off, &ctx);
+            let (flags, user_data, root, sector, copy_src) =
+                (bio.flags, bio.user_data, bio.root, bio.sector, bio.copy_src);
+            bio.sector += n as Sector;
+            bio.copy_src += n as Sector;
+            bio.sectors -= n;
+            let c = self
+                .pool
+                .alloc(false)
+                .expect("clone allocation never fails");
+            let cb = self.pool.get_mut(c);
+            cb.op = Op::Copy;
+            cb.flags = flags;
+            cb.dev = vol;
+            cb.sector = sector;
+            cb.copy_src = copy_src;
+            cb.sectors = n;
+            cb.data = DataBuf::EMPTY;
+            cb.user_data = user_data;
+            cb.root = root;
+            cb.parent = Some((id, off));
+            self.stats.splits += 1;
+            if self.route_piece(table, vol, c, (dti, doff), (sti, soff), n) {
+                self.submit_q.push_back(c);
+            }
+        }
+    }
+
+    /// Sends one piece on its way: down as a copy when both ends land on one device, to the
+    /// kernel when both end on files of one filesystem, else emulated here. True if the piece
+    /// was remapped and goes on down.
+    fn route_piece(
+        &mut self,
+        table: &Table,
+        vol: DevId,
+        id: BioId,
+        dst: (usize, Sector),
+        src: (usize, Sector),
+        n: u32,
+    ) -> bool {
+        use crate::target::TargetExtent;
+        let entries = table.entries();
+        let len = n as Sector;
+        let dx = entries[dst.0].target.extent(dst.1, len);
+        let sx = entries[src.0].target.extent(src.1, len);
+        if let (
+            TargetExtent::Dev {
+                dev: dd,
+                sector: ds,
+                len: dl,
+            },
+            TargetExtent::Dev {
+                dev: sd,
+                sector: ss,
+                len: sl,
+            },
+        ) = (dx, sx)
+        {
+            if dl >= len && sl >= len {
+                if dd == sd {
+                    let bio = self.pool.get_mut(id);
+                    bio.dev = dd;
+                    bio.sector = ds;
+                    bio.copy_src = ss;
+                    return true;
+                }
+                if let Some(s) = self.kernel_copy((sd, ss), (dd, ds), len) {
+                    self.stats.copy_kernel_bytes += len * SECTOR_SIZE as u64;
+                    self.pool.get_mut(id).status = s;
+                    self.complete_q.push_back(id);
+                    return false;
+                }
+            }
+        }
+        self.emulate(vol, id, dst, src, n);
+        false
+    }
+
+    /// Follows pure remaps down to a leaf; `None` if the range does not stay on one device the
+    /// whole way, or passes a suspended volume.
+    fn resolve(&self, mut dev: DevId, mut sector: Sector, len: Sector) -> Option<(DevId, Sector)> {
+        for _ in 0..crate::bio::MAX_FRAMES {
+            match self.devs.get(dev.0 as usize)? {
+                Slot::Leaf(l) => return (sector + len <= l.size).then_some((dev, sector)),
+                Slot::Volume(v) => {
+                    let t = v.table.as_deref()?;
+                    if v.suspended || sector + len > t.size() {
+                        return None;
+                    }
+                    let e = &t.entries()[t.find(sector)];
+                    let off = sector - e.start;
+                    if e.len - off < len {
+                        return None;
+                    }
+                    match e.target.extent(off, len) {
+                        crate::target::TargetExtent::Dev {
+                            dev: d,
+                            sector: s,
+                            len: l,
+                        } if l >= len => {
+                            dev = d;
+                            sector = s;
+                        }
+                        _ => return None,
+                    }
+                }
+                Slot::Empty => return None,
+            }
+        }
+        None
+    }
+
+    /// Copies between two file leaves on one filesystem in the kernel, within this reactor turn
+    /// (so no drain can interleave with it). `None` when the ends are not such files.
+    fn kernel_copy(
+        &self,
+        src: (DevId, Sector),
+        dst: (DevId, Sector),
+        len: Sector,
+    ) -> Option<Status> {
+        let (sl, ss) = self.resolve(src.0, src.1, len)?;
+        let (dl, ds) = self.resolve(dst.0, dst.1, len)?;
+        let fd_of = |d: DevId| match self.devs.get(d.0 as usize) {
+            Some(Slot::Leaf(l)) => l.chan.copy_fd(),
+            _ => None,
+        };
+        let ((sfd, sfs), (dfd, dfs)) = (fd_of(sl)?, fd_of(dl)?);
+        if sfs != dfs {
+            return None;
+        }
+        // SAFETY: both fds belong to leaf channels of this reactor, open for this whole call.
+        let (sf, df) = unsafe {
+            (
+                std::os::fd::BorrowedFd::borrow_raw(sfd),
+                std::os::fd::BorrowedFd::borrow_raw(dfd),
+            )
+        };
+        let (mut so, mut d_o) = (ss * SECTOR_SIZE as u64, ds * SECTOR_SIZE as u64);
+        let mut left = (len * SECTOR_SIZE as u64) as usize;
+        while left > 0 {
+            match rustix::fs::copy_file_range(sf, Some(&mut so), df, Some(&mut d_o), left) {
+                Ok(0) => return Some(Status::IoError),
+                Ok(n) => left -= n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::NOSPC) => return Some(Status::NoSpace),
+                // Cross-device or unsupported after all: let the layer emulate instead.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) if left == (len * SECTOR_SIZE as u64) as usize => return None,
+                Err(_) => return Some(Status::IoError),
+            }
+        }
+        Some(Status::Ok)
+    }
+
+    /// Parks the piece on a `CopyEmu` frame and starts its first read (or waits for a buffer).
+    fn emulate(
+        &mut self,
+        vol: DevId,
+        id: BioId,
+        dst: (usize, Sector),
+        src: (usize, Sector),
+        n: u32,
+    ) {
+        let buf = self.bufs.acquire().unwrap_or(NO_BUF);
+        let ctx = CopyEmuCtx {
+            src: src.1,
+            dst: dst.1,
+            total: n,
+            buf,
+            src_target: src.0 as u16,
+            dst_target: dst.0 as u16,
+            ..CopyEmuCtx::default()
+        };
+        self.pool
+            .get_mut(id)
+            .frames
+            .push(FrameKind::CopyEmu, vol, &ctx, self.fallback);
+        if buf == NO_BUF {
+            self.bufs.waiting.push_back(id);
+        } else {
+            self.issue(id);
+        }
+    }
+
+    /// Issues the current step of an emulated piece: a read of the next chunk of the source,
+    /// or the write of it to the destination, each mapped by its target directly (no re-entry
+    /// into the volume, whose in-flight count already holds the piece).
+    fn issue(&mut self, piece: BioId) {
+        let p = self.pool.get(piece);
+        let h = p.frames.peek().expect("emulated piece without its frame");
+        let mut ctx: CopyEmuCtx = p.frames.ctx_at(h.ctx_off);
+        let (flags, user_data, root) = (p.flags, p.user_data, p.root);
+        let vol = h.dev;
+        if ctx.phase == 0 {
+            ctx.chunk = (ctx.total - ctx.done).min(COPY_CHUNK_SECTORS);
+        }
+        let read = ctx.phase == 0;
+        let data = self.bufs.window(ctx.buf, ctx.chunk);
+        self.pool.get_mut(piece).frames.set_ctx_at(h.ctx_off, &ctx);
+        let c = self
+            .pool
+            .alloc(false)
+            .expect("clone allocation never fails");
+        let cb = self.pool.get_mut(c);
+        cb.op = if read { Op::Read } else { Op::Write };
+        cb.flags = if read {
+            BioFlags::NONE
+        } else {
+            BioFlags(flags.0 & BioFlags::FUA.0)
+        };
+        cb.dev = vol;
+        cb.sector = if read { ctx.src } else { ctx.dst } + ctx.done as Sector;
+        cb.sectors = ctx.chunk;
+        cb.data = data;
+        cb.user_data = user_data;
+        cb.root = root;
+        cb.parent = Some((piece, h.ctx_off));
+        let ti = if read { ctx.src_target } else { ctx.dst_target };
+        // The volume's table: unchanged while the piece is in flight (swaps wait for drains).
+        let devs = self.devs;
+        let t = match devs.get(vol.0 as usize) {
+            Some(Slot::Volume(v)) => {
+                &v.table.as_deref().expect("table").entries()[ti as usize].target
+            }
+            _ => unreachable!(),
+        };
+        let r = t.map(
+            cb,
+            &mut MapCx {
+                vol,
+                target: ti,
+                id: c,
+                fallback: self.fallback,
+            },
+        );
+        if finish_map(r, c, self.pool, self.complete_q) {
+            self.submit_q.push_back(c);
+        }
+    }
+
+    /// A step of an emulated piece finished with `status`. Returns true when the whole piece is
+    /// done (its frame popped, status set): the caller completes it upward.
+    fn emu_step_done(&mut self, piece: BioId, status: Status) -> bool {
+        let p = self.pool.get_mut(piece);
+        let h = p.frames.peek().expect("emulated piece without its frame");
+        let mut ctx: CopyEmuCtx = p.frames.ctx_at(h.ctx_off);
+        let mut finished = !status.is_ok();
+        if finished {
+            ctx.status = status as u8;
+        } else if ctx.phase == 0 {
+            ctx.phase = 1;
+        } else {
+            ctx.done += ctx.chunk;
+            self.stats.copy_emulated_bytes += ctx.chunk as u64 * SECTOR_SIZE as u64;
+            ctx.phase = 0;
+            finished = ctx.done == ctx.total;
+        }
+        p.frames.set_ctx_at(h.ctx_off, &ctx);
+        if !finished {
+            self.issue(piece);
+            return false;
+        }
+        p.frames.pop();
+        let mut st = p.status;
+        st.merge(Status::from_u8(ctx.status));
+        p.status = st;
+        // Hand the buffer to the next waiting piece, if any.
+        if let Some(next) = self.bufs.waiting.pop_front() {
+            let n = self.pool.get_mut(next);
+            let nh = n.frames.peek().expect("waiting piece without its frame");
+            let mut nctx: CopyEmuCtx = n.frames.ctx_at(nh.ctx_off);
+            nctx.buf = ctx.buf;
+            n.frames.set_ctx_at(nh.ctx_off, &nctx);
+            self.issue(next);
+        } else {
+            self.bufs.free.push(ctx.buf);
+        }
+        true
     }
 }

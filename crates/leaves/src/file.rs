@@ -487,9 +487,9 @@ impl Leaf for FileLeaf {
             io_min_bytes: sh.pbs,
             max_sectors: sh.max_sectors,
             max_discard_sectors: sh.max_discard_sectors,
-            // Copy offload (copy_file_range) comes with the copy work.
-            max_copy_sectors: 0,
-            copy_native: false,
+            // Copies inside the file go to the kernel (copy_file_range, reflink where it can).
+            max_copy_sectors: u32::MAX,
+            copy_native: true,
             poll: sh.iopoll,
             nowait: true,
             ..Limits::TOP
@@ -762,8 +762,12 @@ impl State {
         let sh = &*self.sh;
         let sync = match op {
             Op::Copy => {
+                // Native copy inside the file: the kernel copies (reflinks where the filesystem
+                // can). Synchronous: io_uring has no copy opcode.
+                let src = bio.copy_src * SECTOR_SIZE as u64;
+                let s = kernel_copy(&sh.file, src, &sh.file, off, total);
                 self.completed += 1;
-                cx.complete(id, Status::NotSupported);
+                cx.complete(id, s);
                 return true;
             }
             Op::Discard | Op::WriteZeroes => sh.blockdev || self.iopoll,
@@ -1048,7 +1052,47 @@ fn fallocate_mode(op: Op, flags: BioFlags) -> FallocateFlags {
     }
 }
 
+/// Copies `len` bytes between two files (or within one) with `copy_file_range`.
+pub fn kernel_copy(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> Status {
+    let (mut so, mut d_o, mut left) = (src_off, dst_off, len);
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut so), dst, Some(&mut d_o), chunk) {
+            Ok(0) => {
+                // Past the end of the source: the rest reads as zeros.
+                return zero_fill(dst, d_o, left);
+            }
+            Ok(n) => left -= n as u64,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return errno_status(e.raw_os_error(), false),
+        }
+    }
+    Status::Ok
+}
+
+fn zero_fill(dst: &File, off: u64, len: u64) -> Status {
+    let zeros = [0u8; 4096];
+    let (mut o, mut left) = (off, len);
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        match rustix::io::pwrite(dst, &zeros[..n], o) {
+            Ok(w) => {
+                o += w as u64;
+                left -= w as u64;
+            }
+            Err(e) => return errno_status(e.raw_os_error(), false),
+        }
+    }
+    Status::Ok
+}
+
 impl LeafChannel for FileChannel {
+    fn copy_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        use std::os::fd::AsRawFd;
+        let st = rustix::fs::fstat(&self.st.sh.file).ok()?;
+        Some((self.st.sh.file.as_raw_fd(), st.st_dev))
+    }
+
     fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId) {
         let Some(ring) = self.ring.as_mut() else {
             cx.complete(id, Status::IoError);

@@ -111,9 +111,9 @@ impl Leaf for MemLeaf {
         Limits {
             physical_block_bytes: PAGE_BYTES as u32,
             io_min_bytes: PAGE_BYTES as u32,
-            // Copy offload arrives with the copy work; until then copies are not native.
-            max_copy_sectors: 0,
-            copy_native: false,
+            // Copies inside the leaf are a memmove.
+            max_copy_sectors: u32::MAX,
+            copy_native: true,
             ..Limits::TOP
         }
     }
@@ -178,7 +178,13 @@ impl LeafChannel for MemChannel {
                 Status::Ok
             }
             Op::Flush => Status::Ok,
-            Op::Copy => Status::NotSupported,
+            Op::Copy => {
+                // Native copy: a move inside RAM.
+                let src = bio.copy_src as usize * SECTOR_SIZE;
+                sh.region.copy_within(src, off, n);
+                sh.mark(off, n, true);
+                Status::Ok
+            }
         };
         cx.complete(id, status);
     }

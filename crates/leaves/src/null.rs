@@ -53,7 +53,6 @@ impl LeafChannel for NullChannel {
                 bio.data.fill_zero();
                 Status::Ok
             }
-            Op::Copy => Status::NotSupported,
             _ => Status::Ok,
         };
         cx.complete(id, status);

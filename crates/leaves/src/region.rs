@@ -82,6 +82,14 @@ impl Region {
         }
     }
 
+    /// Moves `n` bytes from `src` to `dst` inside the region (ranges may overlap: a memmove).
+    pub(crate) fn copy_within(&self, src: usize, dst: usize, n: usize) {
+        self.check(src, n);
+        self.check(dst, n);
+        // SAFETY: both ranges are inside the mapping (checked); `copy` allows overlap.
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(src), self.ptr.as_ptr().add(dst), n) }
+    }
+
     /// Zeros `[off, off + n)` by writing.
     pub(crate) fn zero(&self, off: usize, n: usize) {
         self.check(off, n);

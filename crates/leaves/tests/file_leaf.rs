@@ -546,8 +546,9 @@ fn kind_args_and_limits() {
     assert_eq!(l.logical_block_bytes, 512);
     assert!(l.physical_block_bytes >= 512);
     assert_eq!(l.max_sectors, 2048);
-    assert_eq!(l.max_copy_sectors, 0);
-    assert!(!l.copy_native && l.nowait);
+    // Copies inside the file are native (copy_file_range).
+    assert_eq!(l.max_copy_sectors, u32::MAX);
+    assert!(l.copy_native && l.nowait);
     let d = FileLeaf::open(f.path(), opts(true)).unwrap();
     assert_eq!(d.args(), format!("{} direct", f.path().display()));
     // A file that is not a whole number of sectors: the tail is not addressable.

@@ -23,6 +23,12 @@ pub enum ModelOp {
         sector: Sector,
         sectors: u32,
     },
+    /// A copy within the volume (ranges may overlap: a memmove), through the copy engine.
+    Copy {
+        src: Sector,
+        dst: Sector,
+        sectors: u32,
+    },
     Flush,
 }
 
@@ -30,6 +36,9 @@ pub enum ModelOp {
 pub struct Reference {
     pub bytes: Vec<u8>,
     pub kinds: Vec<SectorKind>,
+    /// Sectors whose content is unknown (a failed copy may have written some of its pieces);
+    /// reads do not compare them until they are written again.
+    pub poisoned: Vec<bool>,
 }
 
 /// Fills `buf` with a pattern that differs per sector and per seed, so misplaced sectors show.
@@ -47,6 +56,7 @@ impl Reference {
         Reference {
             bytes: vec![0; stack.size as usize * SECTOR_SIZE],
             kinds: stack.kinds.clone(),
+            poisoned: vec![false; stack.size as usize],
         }
     }
 
@@ -68,6 +78,7 @@ impl Reference {
     pub fn apply(&mut self, sector: Sector, sectors: u32, data: Option<&[u8]>) {
         for s in self.range(sector, sectors) {
             if self.kinds[s] == SectorKind::Data {
+                self.poisoned[s] = false;
                 let dst = &mut self.bytes[s * SECTOR_SIZE..(s + 1) * SECTOR_SIZE];
                 match data {
                     Some(d) => {
@@ -107,7 +118,15 @@ pub fn run(stack: &mut Stack, ops: &[ModelOp]) -> Result<(), String> {
                 let got = e.read_at(top, sector, &mut buf);
                 let want = r.expect(sector, sectors);
                 if got == want && want.is_ok() {
-                    let exp = r.read(sector, sectors);
+                    let mut exp = r.read(sector, sectors);
+                    // Unknown sectors compare as whatever was read.
+                    for (i, s) in (sector as usize..sector as usize + sectors as usize).enumerate()
+                    {
+                        if r.poisoned[s] {
+                            exp[i * SECTOR_SIZE..(i + 1) * SECTOR_SIZE]
+                                .copy_from_slice(&buf[i * SECTOR_SIZE..(i + 1) * SECTOR_SIZE]);
+                        }
+                    }
                     if buf != exp {
                         let first = buf.iter().zip(&exp).position(|(a, b)| a != b).unwrap();
                         return Err(format!(
@@ -140,6 +159,32 @@ pub fn run(stack: &mut Stack, ops: &[ModelOp]) -> Result<(), String> {
                 let got = e.write_zeroes(top, sector, sectors);
                 r.apply(sector, sectors, None);
                 (got, r.expect(sector, sectors))
+            }
+            ModelOp::Copy { src, dst, sectors } => {
+                let got = e.copy(top, src, dst, sectors as Sector);
+                let want = if r.expect(src, sectors).is_ok() {
+                    r.expect(dst, sectors)
+                } else {
+                    Status::IoError
+                };
+                if want.is_ok() {
+                    let data = r.read(src, sectors);
+                    let poisoned: Vec<bool> =
+                        r.poisoned[src as usize..src as usize + sectors as usize].to_vec();
+                    r.apply(dst, sectors, Some(&data));
+                    for (i, p) in poisoned.into_iter().enumerate() {
+                        if p && r.kinds[dst as usize + i] == SectorKind::Data {
+                            r.poisoned[dst as usize + i] = true;
+                        }
+                    }
+                } else {
+                    for s in dst as usize..dst as usize + sectors as usize {
+                        if r.kinds[s] == SectorKind::Data {
+                            r.poisoned[s] = true;
+                        }
+                    }
+                }
+                (got, want)
             }
             ModelOp::Flush => (e.flush(top), Status::Ok),
         };

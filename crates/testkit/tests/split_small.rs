@@ -167,3 +167,27 @@ fn queued_io_with_discard_and_write_zeroes() {
     assert_eq!(&back[2 * 512..22 * 512], &bufs[1][2 * 512..22 * 512]);
     assert!(back[22 * 512..].iter().all(|&b| b == 0), "50..57 zeroed");
 }
+
+#[test]
+fn copies_remap_emulate_and_memmove() {
+    let mut e = engine(ReactorConfig::default());
+    let v = e
+        .create("v", Some("0 64 linear m0 0\n64 64 striped 2 8 m1 0 m2 0"))
+        .unwrap();
+    let data = pattern(40 * 512, 11);
+    assert_eq!(e.write_at(v, 10, &data), Status::Ok);
+    // Across targets and leaves (emulated), then overlapping (memmove, in ordered pieces).
+    assert_eq!(e.copy(v, 10, 70, 40), Status::Ok);
+    assert_eq!(e.copy(v, 10, 20, 40), Status::Ok);
+    let mut back = vec![0u8; 40 * 512];
+    assert_eq!(e.read_at(v, 70, &mut back), Status::Ok);
+    assert_eq!(back, data);
+    assert_eq!(e.read_at(v, 20, &mut back), Status::Ok);
+    assert_eq!(back, data);
+    let s = e.reactor().stats;
+    assert!(
+        s.copy_emulated_bytes > 0 && s.copy_offloaded_bytes > 0,
+        "{s:?}"
+    );
+    assert_eq!(e.reactor().pool().in_use(), 0);
+}
