@@ -65,6 +65,9 @@ impl BioFlags {
     pub const NOMERGE: BioFlags = BioFlags(1 << 4);
     /// Write-zeroes must allocate (NBD `NO_HOLE`): do not punch a hole.
     pub const NO_HOLE: BioFlags = BioFlags(1 << 5);
+    /// A copy must be emulated (read + write) by the first layer it meets: for measuring what
+    /// offload buys, and for leaves whose offload misbehaves.
+    pub const NO_OFFLOAD: BioFlags = BioFlags(1 << 6);
 
     #[inline]
     pub fn contains(self, other: BioFlags) -> bool {

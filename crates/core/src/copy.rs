@@ -20,14 +20,18 @@ pub struct CopyOpts {
     pub piece_sectors: u32,
     /// Pieces in flight at once.
     pub max_inflight: usize,
+    /// Emulate every piece (no offload anywhere).
+    pub emulate: bool,
 }
 
 impl Default for CopyOpts {
     fn default() -> Self {
+        // 16 MiB pieces, 8 in flight.
         CopyOpts {
             piece_sectors: 16 << 11,
             max_inflight: 8,
-        } // 16 MiB pieces
+            emulate: false,
+        }
     }
 }
 
@@ -47,6 +51,7 @@ pub struct CopyJob {
     done: Sector,
     status: Status,
     cancelled: bool,
+    emulate: bool,
     /// High bits of the tags of this job's bios.
     tag_base: u64,
 }
@@ -82,6 +87,7 @@ impl CopyJob {
             done: 0,
             status: Status::Ok,
             cancelled: false,
+            emulate: opts.emulate,
             tag_base,
         }
     }
@@ -109,6 +115,9 @@ impl CopyJob {
                 self.tag_base | off,
             );
             req.copy_src = self.src + off;
+            if self.emulate {
+                req.flags = crate::bio::BioFlags::NO_OFFLOAD;
+            }
             match submit(&req) {
                 Ok(()) => {
                     self.issued += sectors;

@@ -439,6 +439,12 @@ impl Reactor {
     /// Runs queued submissions and completions to the end, and polls asynchronous leaves once.
     /// Returns the number of steps taken (0 = nothing to do).
     pub fn poll(&mut self) -> usize {
+        self.run_queues(None)
+    }
+
+    /// Runs the queues to the end; polls the asynchronous leaves once per round: all of them,
+    /// or (for a polled wait on `root`) only the ones its bio reached.
+    fn run_queues(&mut self, root: Option<BioId>) -> usize {
         let mut work = 0;
         loop {
             let mut round = 0;
@@ -450,13 +456,16 @@ impl Reactor {
                 self.run_complete(id);
                 round += 1;
             }
+            let touched = root.map_or(0, |r| self.pool.get(r).touched);
             for i in 0..self.pollers.len() {
                 let dev = self.pollers[i];
                 if let Some(Slot::Leaf(l)) = self.devs.get_mut(dev.0 as usize) {
-                    round += l.chan.poll(&mut LeafCx {
-                        pool: &mut self.pool,
-                        complete_q: &mut self.complete_q,
-                    });
+                    if touched == 0 || touched & l.poll_bit != 0 {
+                        round += l.chan.poll(&mut LeafCx {
+                            pool: &mut self.pool,
+                            complete_q: &mut self.complete_q,
+                        });
+                    }
                 }
             }
             work += round;
@@ -580,34 +589,7 @@ impl Reactor {
     /// A polled wait's step: runs the queues and polls only the asynchronous leaf queues that
     /// top-level bio `root` reached (all of them if it reached none yet). Returns work done.
     pub fn poll_touched(&mut self, root: BioId) -> usize {
-        let mut work = 0;
-        loop {
-            let mut round = 0;
-            while let Some(id) = self.submit_q.pop_front() {
-                self.run_submit(id);
-                round += 1;
-            }
-            while let Some(id) = self.complete_q.pop_front() {
-                self.run_complete(id);
-                round += 1;
-            }
-            let touched = self.pool.get(root).touched;
-            for i in 0..self.pollers.len() {
-                let dev = self.pollers[i];
-                if let Some(Slot::Leaf(l)) = self.devs.get_mut(dev.0 as usize) {
-                    if touched == 0 || touched & l.poll_bit != 0 {
-                        round += l.chan.poll(&mut LeafCx {
-                            pool: &mut self.pool,
-                            complete_q: &mut self.complete_q,
-                        });
-                    }
-                }
-            }
-            work += round;
-            if self.submit_q.is_empty() && self.complete_q.is_empty() {
-                return work;
-            }
-        }
+        self.run_queues(Some(root))
     }
 
     /// Which asynchronous leaf queues a top-level bio reached so far (one bit per queue).
@@ -1141,6 +1123,10 @@ impl CopyCx<'_> {
         let len = n as Sector;
         let dx = entries[dst.0].target.extent(dst.1, len);
         let sx = entries[src.0].target.extent(src.1, len);
+        if self.pool.get(id).flags.contains(BioFlags::NO_OFFLOAD) {
+            self.emulate(vol, id, dst, src, n);
+            return false;
+        }
         if let (
             TargetExtent::Dev {
                 dev: dd,

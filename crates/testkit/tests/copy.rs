@@ -233,6 +233,7 @@ fn the_copy_engine_reports_progress_bounds_pieces_and_cancels() {
     let opts = CopyOpts {
         piece_sectors: 256,
         max_inflight: 2,
+        emulate: false,
     };
     let mut seen = Vec::new();
     e.copy_with(v, 0, 4096, 4096, opts, |d, t| {
@@ -252,4 +253,23 @@ fn the_copy_engine_reports_progress_bounds_pieces_and_cancels() {
     assert_eq!(r, Err(Status::Shutdown));
     assert!(n < 16, "no new pieces after the cancel (saw {n})");
     assert_eq!(e.reactor().pool().in_use(), 0);
+}
+
+#[test]
+fn forced_emulation_copies_the_same_bytes_the_slow_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = file_engine(dir.path());
+    let v = e.create("v", Some("0 16384 linear f0 0")).unwrap();
+    let data = fill(&mut e, v, 0, 3000, 12);
+    let opts = CopyOpts {
+        emulate: true,
+        ..CopyOpts::default()
+    };
+    let r = e.copy_with(v, 0, 8000, 3000, opts, |_, _| true).unwrap();
+    assert_eq!(
+        (r.offloaded_bytes, r.kernel_bytes, r.emulated_bytes),
+        (0, 0, 3000 * 512),
+        "{r:?}"
+    );
+    assert!(read(&mut e, v, 8000, 3000) == data);
 }
