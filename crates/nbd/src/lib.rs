@@ -29,6 +29,7 @@ pub mod consts;
 mod error;
 mod handshake;
 mod options;
+pub mod server;
 mod transmission;
 mod validate;
 mod values;
