@@ -130,6 +130,9 @@ enum Msg {
 struct Shared {
     wake: OwnedFd,
     sleeping: AtomicBool,
+    /// Set after every message sent, so a turn reads the channel only when there is mail (an
+    /// empty channel's `try_recv` costs more than this load, every turn).
+    mail: AtomicBool,
     /// Loop iterations, sleeps and completions, for stats.
     loops: AtomicU64,
     sleeps: AtomicU64,
@@ -152,6 +155,7 @@ impl Handle {
 /// drops the message; the control side then sees a missing acknowledgement.
 fn send_to(tx: &Sender<Msg>, shared: &Shared, m: Msg) {
     let _ = tx.send(m);
+    shared.mail.store(true, Ordering::Release);
     if shared.sleeping.load(Ordering::SeqCst) {
         let _ = rustix::io::write(&shared.wake, &1u64.to_ne_bytes());
     }
@@ -200,6 +204,7 @@ impl ReactorThreads {
             let shared = Arc::new(Shared {
                 wake: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
                 sleeping: AtomicBool::new(false),
+                mail: AtomicBool::new(false),
                 loops: AtomicU64::new(0),
                 sleeps: AtomicU64::new(0),
                 frontends: AtomicU64::new(0),
@@ -388,6 +393,9 @@ struct ThreadLoop {
     rx: Receiver<Msg>,
     shared: Arc<Shared>,
     stopping: bool,
+    /// Loop iterations; only this thread writes `shared.loops`, so a plain store publishes it
+    /// (no locked add per turn).
+    loops: u64,
     fds: Vec<RawFd>,
     fe_fds: Vec<(RawFd, bool)>,
     /// Reused every sleep, so sleeping allocates nothing in steady state.
@@ -405,6 +413,7 @@ impl ThreadLoop {
             rx,
             shared,
             stopping: false,
+            loops: 0,
             fds: Vec::with_capacity(64),
             fe_fds: Vec::with_capacity(64),
             pfds: Vec::with_capacity(128),
@@ -437,9 +446,14 @@ impl ThreadLoop {
     /// One pass over messages, frontends, the reactor and completions. Returns work done.
     fn turn(&mut self) -> usize {
         let mut work = 0;
-        while let Ok(m) = self.rx.try_recv() {
-            self.handle(m);
-            work += 1;
+        // Taken before the channel is read: a message sent after this sets it again.
+        if self.shared.mail.load(Ordering::Relaxed)
+            && self.shared.mail.swap(false, Ordering::Acquire)
+        {
+            while let Ok(m) = self.rx.try_recv() {
+                self.handle(m);
+                work += 1;
+            }
         }
         for slot in 0..self.frontends.len() {
             if let Some(fe) = self.frontends[slot].as_mut() {
@@ -494,7 +508,8 @@ impl ThreadLoop {
         let mut idle_since: Option<Instant> = None;
         loop {
             let work = self.turn();
-            self.shared.loops.fetch_add(1, Ordering::Relaxed);
+            self.loops += 1;
+            self.shared.loops.store(self.loops, Ordering::Relaxed);
             if self.stopping
                 && self.frontends.iter().all(Option::is_none)
                 && self.reactor.outstanding() == 0

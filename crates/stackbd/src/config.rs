@@ -2,8 +2,14 @@
 //!
 //! ```toml
 //! [leaf.m0]
-//! kind = "mem"          # mem | null
+//! kind = "mem"          # mem | null | file
 //! size = "1GiB"         # bytes, or a whole number with B, K/KiB, M/MiB, G/GiB, T/TiB (binary)
+//!
+//! [leaf.f0]
+//! kind = "file"         # a regular file or a block device, through io_uring; its size is the
+//! path = "disk.img"     # file's (relative paths are relative to the config file's folder)
+//! direct = true         # O_DIRECT (optional, default false)
+//! queue_depth = 256     # ring depth per reactor (optional, 1..=4096, default 256)
 //!
 //! [volume.data]
 //! table = "0 2097152 linear m0 0"     # dmsetup table text; may span lines (""" ... """)
@@ -22,7 +28,8 @@
 use serde::Deserialize;
 use stackbd_core::table::TableError;
 use stackbd_core::{Engine, EngineError, Leaf, ReactorConfig, SECTOR_SIZE};
-use stackbd_leaves::{MemLeaf, NullLeaf};
+use stackbd_leaves::file::{FileOptions, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
+use stackbd_leaves::{FileLeaf, MemLeaf, NullLeaf};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
@@ -37,7 +44,7 @@ mod graph;
 // ---------------------------------------------------------------------------------------------
 
 /// Leaf kinds the config accepts, as written in `kind = "..."`.
-pub const LEAF_KINDS: &[&str] = &["mem", "null"];
+pub const LEAF_KINDS: &[&str] = &["mem", "null", "file"];
 
 /// A whole configuration file, items in the order the file declares them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,6 +86,14 @@ pub enum LeafSpec {
     Mem { size_bytes: u64 },
     /// Reads zeros, drops writes.
     Null { size_bytes: u64 },
+    /// A regular file or a block device, through io_uring; sized by the file.
+    File {
+        path: PathBuf,
+        /// `O_DIRECT`.
+        direct: bool,
+        /// Ring depth per reactor.
+        queue_depth: u32,
+    },
 }
 
 impl LeafSpec {
@@ -87,6 +102,7 @@ impl LeafSpec {
         match self {
             LeafSpec::Mem { .. } => "mem",
             LeafSpec::Null { .. } => "null",
+            LeafSpec::File { .. } => "file",
         }
     }
 
@@ -94,6 +110,7 @@ impl LeafSpec {
     pub fn size_bytes(&self) -> Option<u64> {
         match self {
             LeafSpec::Mem { size_bytes } | LeafSpec::Null { size_bytes } => Some(*size_bytes),
+            LeafSpec::File { .. } => None,
         }
     }
 
@@ -102,6 +119,22 @@ impl LeafSpec {
         Ok(match self {
             LeafSpec::Mem { size_bytes } => Arc::new(MemLeaf::new(*size_bytes)?),
             LeafSpec::Null { size_bytes } => Arc::new(NullLeaf::new(*size_bytes)),
+            LeafSpec::File {
+                path,
+                direct,
+                queue_depth,
+            } => {
+                let opts = FileOptions {
+                    direct: *direct,
+                    queue_depth: *queue_depth,
+                    ..FileOptions::default()
+                };
+                // The open error alone ("No such file or directory") does not say which file.
+                let leaf = FileLeaf::open(path, opts).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                })?;
+                Arc::new(leaf)
+            }
         })
     }
 }
@@ -546,6 +579,38 @@ impl Fields {
         }
     }
 
+    /// An optional integer in `range`: `Some(None)` when absent, `None` on a bad value.
+    fn integer(
+        &mut self,
+        cx: &mut Cx<'_>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<Option<i64>> {
+        let Some(v) = self.take(key) else {
+            return Some(None);
+        };
+        match v.get_ref() {
+            Value::Integer(n) if range.contains(n) => Some(Some(*n)),
+            Value::Integer(n) => {
+                let line = cx.lines.line(v.span().start);
+                self.invalid(
+                    cx,
+                    Some(line),
+                    format!(
+                        "{key}: {n} is out of range ({}..={})",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.wrong_type(cx, key, "a whole number", &v);
+                None
+            }
+        }
+    }
+
     /// A required size in bytes: an integer, or a string with a unit.
     fn size(&mut self, cx: &mut Cx<'_>, key: &str, takes: &str) -> Option<u64> {
         let v = match self.take(key) {
@@ -615,6 +680,32 @@ fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
             let size = f.size(cx, "size", TAKES);
             f.finish(cx, TAKES);
             LeafSpec::Null { size_bytes: size? }
+        }
+        "file" => {
+            const TAKES: &str = "file leaves take: kind, path, direct, queue_depth";
+            let path = f.string(cx, "path", TAKES);
+            let direct = f.bool(cx, "direct", false);
+            let queue_depth = f.integer(cx, "queue_depth", 1..=MAX_QUEUE_DEPTH as i64);
+            let path = path.and_then(|(path, span)| {
+                if path.is_empty() {
+                    let line = cx.lines.line(span.start);
+                    f.invalid(cx, Some(line), "path: empty".to_string());
+                    return None;
+                }
+                Some(path)
+            });
+            f.finish(cx, TAKES);
+            let path = path?;
+            // Relative to the config file, not to wherever the program was started.
+            let path = match cx.path.and_then(Path::parent) {
+                Some(dir) if Path::new(&path).is_relative() => dir.join(path),
+                _ => PathBuf::from(path),
+            };
+            LeafSpec::File {
+                path,
+                direct: direct?,
+                queue_depth: queue_depth?.map_or(DEFAULT_QUEUE_DEPTH, |n| n as u32),
+            }
         }
         other => {
             f.invalid(
@@ -837,10 +928,9 @@ fn table_tokens(text: &str) -> Vec<String> {
 fn build_in(
     cfg: &Config,
     broken: &BTreeSet<Section>,
-    reactor: ReactorConfig,
+    mut engine: Engine,
     cx: &mut Cx<'_>,
 ) -> Option<Built> {
-    let mut engine = Engine::new(stackbd_targets::registry(), reactor);
     // Why a leaf or volume is unusable, by name: what uses it is skipped.
     let mut bad_leaf: HashMap<String, &'static str> = HashMap::new();
     let mut bad_vol: HashMap<String, &'static str> = HashMap::new();
@@ -856,9 +946,13 @@ fn build_in(
         let r = l
             .spec
             .create()
-            .map_err(|e| {
-                let size = l.spec.size_bytes().map(human_bytes).unwrap_or_default();
-                format!("cannot create {} leaf of {size}: {e}", l.spec.kind())
+            .map_err(|e| match l.spec.size_bytes() {
+                Some(size) => format!(
+                    "cannot create {} leaf of {}: {e}",
+                    l.spec.kind(),
+                    human_bytes(size)
+                ),
+                None => format!("cannot create {} leaf: {e}", l.spec.kind()),
             })
             .and_then(|leaf| engine.add_leaf(&l.name, leaf).map_err(|e| e.to_string()));
         if let Err(msg) = r {
@@ -1046,6 +1140,12 @@ enum Use {
 /// Builds an engine with the config's leaves and volumes (volumes in dependency order), or
 /// every error found on the way.
 pub fn build(cfg: &Config, reactor: ReactorConfig) -> Result<Built, ConfigErrors> {
+    build_on(cfg, Engine::new(stackbd_targets::registry(), reactor))
+}
+
+/// [`build`] into a given engine (one with reactor threads, for `serve` and `bench`), which
+/// should have no device yet whose name the config uses.
+pub fn build_on(cfg: &Config, engine: Engine) -> Result<Built, ConfigErrors> {
     let mut cx = Cx {
         path: cfg.path.as_deref(),
         text: "",
@@ -1053,7 +1153,7 @@ pub fn build(cfg: &Config, reactor: ReactorConfig) -> Result<Built, ConfigErrors
         errors: Vec::new(),
         broken: BTreeSet::new(),
     };
-    build_in(cfg, &BTreeSet::new(), reactor, &mut cx).ok_or_else(|| sorted(cx.errors))
+    build_in(cfg, &BTreeSet::new(), engine, &mut cx).ok_or_else(|| sorted(cx.errors))
 }
 
 /// Parses and builds config text, reporting every error in the file and in the stack it
@@ -1074,7 +1174,8 @@ pub fn check_text(
         return Err(sorted(cx.errors));
     };
     let broken = std::mem::take(&mut cx.broken);
-    match build_in(&cfg, &broken, reactor, &mut cx) {
+    let engine = Engine::new(stackbd_targets::registry(), reactor);
+    match build_in(&cfg, &broken, engine, &mut cx) {
         Some(b) if cx.errors.is_empty() => Ok(b),
         _ => Err(sorted(cx.errors)),
     }
@@ -1208,7 +1309,7 @@ mod tests {
         assert_eq!(e.0[0].line, Some(5));
         assert_eq!(
             e.0[0].to_string(),
-            "5: [leaf.x]: missing 'kind' (one of: mem, null)"
+            "5: [leaf.x]: missing 'kind' (one of: mem, null, file)"
         );
     }
 

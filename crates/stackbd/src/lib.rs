@@ -2,3 +2,4 @@
 //! stack it describes.
 
 pub mod config;
+pub mod daemon;

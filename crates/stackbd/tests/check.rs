@@ -453,8 +453,8 @@ fn size_that_is_not_whole_sectors_is_refused() {
 
 #[test]
 fn unknown_leaf_kind_is_refused() {
-    let cfg = "[leaf.f]\nkind = \"file\"\npath = \"/tmp/x\"\n";
-    check(cfg).refused(&["{path}:2: [leaf.f]: unknown kind 'file' (known: mem, null)"]);
+    let cfg = "[leaf.f]\nkind = \"nbd\"\npath = \"/tmp/x\"\n";
+    check(cfg).refused(&["{path}:2: [leaf.f]: unknown kind 'nbd' (known: mem, null, file)"]);
 }
 
 #[test]
@@ -510,4 +510,77 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(BIN).arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// File leaves
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `check` on `config` written beside a 1 MiB file `disk.img` in a fresh folder.
+fn check_with_disk(config: &str, args: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let path = dir.path().join("stack.toml");
+    std::fs::write(&path, config.replace("{disk}", &disk.display().to_string())).unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        path,
+        out,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn file_leaf_is_sized_by_its_file() {
+    let cfg = "[leaf.f0]\nkind = \"file\"\npath = \"{disk}\"\ndirect = false\n\
+               [volume.v]\ntable = \"0 2048 linear f0 0\"\n";
+    let out = check_with_disk(cfg, &[]).ok();
+    assert!(out.contains("leaf f0: file, 2048 sectors (1 MiB)"), "{out}");
+    assert!(out.contains("0 2048 linear f0 0"), "{out}");
+}
+
+#[test]
+fn file_leaf_path_is_relative_to_the_config_and_takes_queue_depth() {
+    let cfg = "[leaf.f0]\nkind = \"file\"\npath = \"disk.img\"\nqueue_depth = 8\n\
+               [volume.v]\ntable = \"0 2048 linear f0 0\"\n";
+    let r = check_with_disk(cfg, &["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.ok()).unwrap();
+    assert_eq!(v["leaves"][0]["kind"], "file");
+    assert_eq!(v["leaves"][0]["bytes"], 1 << 20);
+}
+
+#[test]
+fn file_leaf_that_cannot_open_is_refused_with_its_path() {
+    let cfg = "[leaf.f0]\nkind = \"file\"\npath = \"/nonexistent/disk.img\"\n\
+               [volume.v]\ntable = \"0 8 linear f0 0\"\n";
+    check_with_disk(cfg, &[]).refused(&[
+        "{path}:2: [leaf.f0]: cannot create file leaf: /nonexistent/disk.img: No such file",
+        "[volume.v]: skipped: it uses leaf 'f0', which failed",
+    ]);
+}
+
+#[test]
+fn file_leaf_keys_are_checked() {
+    let cfg = "[leaf.f0]\nkind = \"file\"\ndirect = \"yes\"\nqueue_depth = 0\nsize = 4096\n";
+    let err = check_with_disk(cfg, &[]).refused(&[
+        "{path}:2: [leaf.f0]: missing 'path' (file leaves take: kind, path, direct, queue_depth)",
+        "{path}:3: [leaf.f0]: direct: expected true or false, got string",
+        "{path}:4: [leaf.f0]: queue_depth: 0 is out of range (1..=4096)",
+        "{path}:5: [leaf.f0]: unknown key 'size' (file leaves take: kind, path, direct, queue_depth)",
+    ]);
+    assert_eq!(err.lines().count(), 4, "{err}");
+    let cfg = "[leaf.f0]\nkind = \"file\"\npath = \"\"\nqueue_depth = \"deep\"\n";
+    check_with_disk(cfg, &[]).refused(&[
+        "{path}:3: [leaf.f0]: path: empty",
+        "{path}:4: [leaf.f0]: queue_depth: expected a whole number, got string",
+    ]);
 }

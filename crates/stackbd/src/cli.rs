@@ -1,0 +1,826 @@
+//! The dmsetup-style verbs (`create`, `load`, `suspend`, `info`, `ls --tree`, ...) plus leaf and
+//! export management, `stats` and `shutdown`. Each verb sends one request to the daemon's control
+//! socket and prints the reply as dmsetup would, where dmsetup has the verb; `--json` prints the
+//! daemon's reply object instead. Errors go to stderr as `stackbd VERB: <error>`, exit status 1.
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use stackbd::config::human_bytes;
+use stackbd::daemon::control::{reply_line, Client};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How to reach the daemon and how to print; on every verb.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Conn {
+    /// The daemon's control socket [default: $STACKBD_CONTROL, else /run/stackbd/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Print the daemon's reply object (one line of JSON) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A table, as dmsetup writes it: lines `start length target args...`.
+#[derive(Args, Debug, Clone)]
+pub struct TableSource {
+    /// The table text; lines are separated by newlines or ';'.
+    #[arg(long, value_name = "TEXT", conflicts_with = "table_file")]
+    pub table: Option<String>,
+    /// Read the table from a file ('-' reads standard input).
+    #[arg(long, value_name = "FILE")]
+    pub table_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Verb {
+    /// Create a volume, empty or with a live table.
+    Create {
+        name: String,
+        #[command(flatten)]
+        table: TableSource,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Load a table into the volume's inactive slot (the live table is untouched until resume).
+    Load {
+        name: String,
+        #[command(flatten)]
+        table: TableSource,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Drop the volume's inactive table.
+    Clear {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Suspend a volume: in-flight I/O drains, new I/O is held (not failed).
+    ///
+    /// The volume resumes by itself after a deadline (60 s unless --deadline or --no-deadline),
+    /// with a warning in the daemon's log.
+    Suspend {
+        name: String,
+        /// Keep I/O queued inside targets (multipath) instead of flushing it out first.
+        #[arg(long)]
+        noflush: bool,
+        /// Resume by itself after SECS seconds, with a warning in the daemon's log.
+        #[arg(
+            long,
+            value_name = "SECS",
+            conflicts_with = "no_deadline",
+            allow_hyphen_values = true
+        )]
+        deadline: Option<String>,
+        /// Stay suspended until `resume`, however long that takes.
+        #[arg(long)]
+        no_deadline: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Resume a volume: swap in the inactive table if there is one, let held I/O go.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Load + suspend + resume: replace the live table.
+    Reload {
+        name: String,
+        #[command(flatten)]
+        table: TableSource,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a volume.
+    ///
+    /// Refused while another table uses it, or while it is open or exported, unless --force.
+    Remove {
+        name: String,
+        /// Remove even though it is open or exported (its exports go too).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List devices (volumes and leaves); --tree shows what each volume stacks on.
+    Ls {
+        #[arg(long)]
+        tree: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// State, tables, open count, event number of a volume.
+    Info {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print a volume's live (or inactive) table.
+    Table {
+        name: String,
+        /// The inactive table instead of the live one.
+        #[arg(long)]
+        inactive: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print each target's status.
+    Status {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send a message to the target that holds SECTOR (options go before SECTOR).
+    Message {
+        name: String,
+        sector: String,
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "MSG"
+        )]
+        msg: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The devices a volume's live table maps onto.
+    Deps {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Wait until the volume's event number exceeds EVENT_NR (default 0); prints it.
+    Wait {
+        name: String,
+        event_nr: Option<String>,
+        /// Give up after SECS seconds (exit status 1).
+        #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
+        timeout: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Leaf devices: add, rm, ls.
+    Leaf {
+        #[command(subcommand)]
+        cmd: LeafCmd,
+    },
+    /// NBD exports: add, rm, ls.
+    Export {
+        #[command(subcommand)]
+        cmd: ExportCmd,
+    },
+    /// Reactor counters (I/O, splits, pools, frame overflows), exports and volumes.
+    Stats {
+        /// Only this volume or export.
+        name: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop the daemon cleanly (connections drain, leaves flush, state is written).
+    Shutdown {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeafCmd {
+    /// Add a leaf: `m0 mem 1GiB`, `n0 null 1GiB`, `f0 file /path/disk.img [--direct]`.
+    Add {
+        name: String,
+        /// mem, null or file.
+        kind: String,
+        /// The size (mem, null: bytes or 512K, 64MiB, 1GiB...) or the path (file).
+        #[arg(value_name = "SIZE|PATH")]
+        arg: String,
+        /// O_DIRECT (file leaves).
+        #[arg(long)]
+        direct: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a leaf no table uses.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List leaves: kind, size, arguments, the volumes on them.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportCmd {
+    /// Export a volume over NBD (under its own name unless --name).
+    Add {
+        volume: String,
+        /// The export name clients ask for.
+        #[arg(long, value_name = "EXPORT")]
+        name: Option<String>,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop exporting (connected clients keep their connection until they close it).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List exports.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+impl Verb {
+    /// The verb as the user typed it, for error messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Verb::Create { .. } => "create",
+            Verb::Load { .. } => "load",
+            Verb::Clear { .. } => "clear",
+            Verb::Suspend { .. } => "suspend",
+            Verb::Resume { .. } => "resume",
+            Verb::Reload { .. } => "reload",
+            Verb::Remove { .. } => "remove",
+            Verb::Ls { .. } => "ls",
+            Verb::Info { .. } => "info",
+            Verb::Table { .. } => "table",
+            Verb::Status { .. } => "status",
+            Verb::Message { .. } => "message",
+            Verb::Deps { .. } => "deps",
+            Verb::Wait { .. } => "wait",
+            Verb::Leaf { cmd } => match cmd {
+                LeafCmd::Add { .. } => "leaf add",
+                LeafCmd::Rm { .. } => "leaf rm",
+                LeafCmd::Ls { .. } => "leaf ls",
+            },
+            Verb::Export { cmd } => match cmd {
+                ExportCmd::Add { .. } => "export add",
+                ExportCmd::Rm { .. } => "export rm",
+                ExportCmd::Ls { .. } => "export ls",
+            },
+            Verb::Stats { .. } => "stats",
+            Verb::Shutdown { .. } => "shutdown",
+        }
+    }
+
+    fn conn(&self) -> &Conn {
+        match self {
+            Verb::Create { conn, .. }
+            | Verb::Load { conn, .. }
+            | Verb::Clear { conn, .. }
+            | Verb::Suspend { conn, .. }
+            | Verb::Resume { conn, .. }
+            | Verb::Reload { conn, .. }
+            | Verb::Remove { conn, .. }
+            | Verb::Ls { conn, .. }
+            | Verb::Info { conn, .. }
+            | Verb::Table { conn, .. }
+            | Verb::Status { conn, .. }
+            | Verb::Message { conn, .. }
+            | Verb::Deps { conn, .. }
+            | Verb::Wait { conn, .. }
+            | Verb::Stats { conn, .. }
+            | Verb::Shutdown { conn } => conn,
+            Verb::Leaf { cmd } => match cmd {
+                LeafCmd::Add { conn, .. } | LeafCmd::Rm { conn, .. } | LeafCmd::Ls { conn } => conn,
+            },
+            Verb::Export { cmd } => match cmd {
+                ExportCmd::Add { conn, .. }
+                | ExportCmd::Rm { conn, .. }
+                | ExportCmd::Ls { conn } => conn,
+            },
+        }
+    }
+}
+
+/// Why a verb failed, and the daemon's reply line if there was one (printed with --json).
+struct Fail {
+    msg: String,
+    reply: Option<String>,
+}
+
+impl From<String> for Fail {
+    fn from(msg: String) -> Fail {
+        Fail { msg, reply: None }
+    }
+}
+
+pub fn run(v: Verb) -> ExitCode {
+    let verb = v.name();
+    let conn = v.conn().clone();
+    match execute(&v, &conn) {
+        Ok(text) => {
+            out(&text);
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            if conn.json {
+                let reply = f.reply.unwrap_or_else(|| reply_line(Err(f.msg.clone())));
+                out(&format!("{reply}\n"));
+            }
+            eprintln!("stackbd {verb}: {}", f.msg);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
+}
+
+fn execute(v: &Verb, conn: &Conn) -> Result<String, Fail> {
+    let (cmd, args) = request(v)?;
+    let path = conn
+        .control
+        .clone()
+        .unwrap_or_else(stackbd::daemon::default_control_path);
+    let mut client = Client::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach the daemon at {}: {e} — is `stackbd serve` running?",
+            path.display()
+        )
+    })?;
+    let (line, reply) = client
+        .call_raw(cmd, args.clone())
+        .map_err(|e| format!("lost the daemon at {}: {e}", path.display()))?;
+    if reply.get("ok").and_then(Value::as_bool) != Some(true) {
+        let msg = reply
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("the daemon refused the request without saying why")
+            .to_string();
+        return Err(Fail {
+            msg,
+            reply: Some(line.clone()),
+        });
+    }
+    if let Verb::Wait { name, .. } = v {
+        if reply.get("timed_out").and_then(Value::as_bool) == Some(true) {
+            let nr = reply.get("event_nr").and_then(Value::as_u64).unwrap_or(0);
+            let after = args_u64(&args, "event_nr");
+            return Err(Fail {
+                msg: format!(
+                    "timed out: the event number of '{name}' is still {nr} (waiting for more \
+                     than {after})"
+                ),
+                reply: Some(line.clone()),
+            });
+        }
+    }
+    if let Verb::Shutdown { .. } = v {
+        if !client.wait_closed(Duration::from_secs(90)) {
+            return Err(Fail {
+                msg: "the daemon accepted the shutdown but is still running after 90 s".into(),
+                reply: Some(line.clone()),
+            });
+        }
+    }
+    if conn.json {
+        return Ok(format!("{line}\n"));
+    }
+    Ok(render(v, &reply))
+}
+
+fn args_u64(args: &Value, k: &str) -> u64 {
+    args.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn parse_u64(what: &str, s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|_| format!("invalid {what} '{s}': expected a whole number"))
+}
+
+fn parse_secs(opt: &str, s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x.is_finite() => Ok(x),
+        _ => Err(format!(
+            "invalid {opt} '{s}': expected a number of seconds > 0"
+        )),
+    }
+}
+
+fn read_table(t: &TableSource) -> Result<Option<String>, String> {
+    if let Some(text) = &t.table {
+        return Ok(Some(text.clone()));
+    }
+    let Some(p) = &t.table_file else {
+        return Ok(None);
+    };
+    let mut text = String::new();
+    if p == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read the table from standard input: {e}"))?;
+    } else {
+        text = std::fs::read_to_string(p)
+            .map_err(|e| format!("cannot read table file {}: {e}", p.display()))?;
+    }
+    Ok(Some(text))
+}
+
+fn required_table(t: &TableSource) -> Result<String, String> {
+    read_table(t)?.ok_or_else(|| "a table is required: --table TEXT or --table-file FILE".into())
+}
+
+/// The request a verb sends: (command, fields).
+fn request(v: &Verb) -> Result<(&'static str, Value), String> {
+    Ok(match v {
+        Verb::Create { name, table, .. } => {
+            let mut a = json!({ "name": name });
+            if let Some(t) = read_table(table)? {
+                a["table"] = json!(t);
+            }
+            ("create", a)
+        }
+        Verb::Load { name, table, .. } => (
+            "load",
+            json!({"name": name, "table": required_table(table)?}),
+        ),
+        Verb::Reload { name, table, .. } => (
+            "reload",
+            json!({"name": name, "table": required_table(table)?}),
+        ),
+        Verb::Clear { name, .. } => ("clear", json!({ "name": name })),
+        Verb::Suspend {
+            name,
+            noflush,
+            deadline,
+            no_deadline,
+            ..
+        } => {
+            let mut a = json!({"name": name, "noflush": noflush});
+            if *no_deadline {
+                a["deadline_s"] = Value::Null;
+            } else if let Some(s) = deadline {
+                a["deadline_s"] = json!(parse_secs("--deadline", s)?);
+            }
+            ("suspend", a)
+        }
+        Verb::Resume { name, .. } => ("resume", json!({ "name": name })),
+        Verb::Remove { name, force, .. } => ("remove", json!({"name": name, "force": force})),
+        Verb::Ls { tree, .. } => ("ls", json!({ "tree": tree })),
+        Verb::Info { name, .. } => ("info", json!({ "name": name })),
+        Verb::Table { name, inactive, .. } => {
+            ("table", json!({"name": name, "inactive": inactive}))
+        }
+        Verb::Status { name, .. } => ("status", json!({ "name": name })),
+        Verb::Message {
+            name, sector, msg, ..
+        } => {
+            let sector = sector.parse::<u64>().map_err(|_| {
+                format!("invalid sector '{sector}': expected a whole number of 512-byte sectors")
+            })?;
+            (
+                "message",
+                json!({"name": name, "sector": sector, "argv": msg}),
+            )
+        }
+        Verb::Deps { name, .. } => ("deps", json!({ "name": name })),
+        Verb::Wait {
+            name,
+            event_nr,
+            timeout,
+            ..
+        } => {
+            let mut a = json!({ "name": name });
+            if let Some(n) = event_nr {
+                a["event_nr"] = json!(parse_u64("event number", n)?);
+            }
+            if let Some(t) = timeout {
+                a["timeout_s"] = json!(parse_secs("--timeout", t)?);
+            }
+            ("wait", a)
+        }
+        Verb::Leaf { cmd } => match cmd {
+            LeafCmd::Add {
+                name,
+                kind,
+                arg,
+                direct,
+                ..
+            } => {
+                let mut a = json!({"name": name, "kind": kind});
+                if kind == "file" {
+                    // The daemon runs elsewhere: a relative path means nothing to it.
+                    let p = std::path::absolute(arg)
+                        .map_err(|e| format!("cannot make '{arg}' an absolute path: {e}"))?;
+                    a["path"] = json!(p.to_string_lossy());
+                    a["direct"] = json!(direct);
+                } else {
+                    if *direct {
+                        return Err(format!("--direct applies to file leaves, not {kind}"));
+                    }
+                    a["size"] = json!(arg);
+                }
+                ("leaf_add", a)
+            }
+            LeafCmd::Rm { name, .. } => ("leaf_rm", json!({ "name": name })),
+            LeafCmd::Ls { .. } => ("leaf_ls", json!({})),
+        },
+        Verb::Export { cmd } => match cmd {
+            ExportCmd::Add {
+                volume,
+                name,
+                read_only,
+                ..
+            } => {
+                let mut a = json!({"volume": volume, "read_only": read_only});
+                if let Some(n) = name {
+                    a["name"] = json!(n);
+                }
+                ("export_add", a)
+            }
+            ExportCmd::Rm { name, .. } => ("export_rm", json!({ "name": name })),
+            ExportCmd::Ls { .. } => ("export_ls", json!({})),
+        },
+        Verb::Stats { name, .. } => {
+            let mut a = json!({});
+            if let Some(n) = name {
+                a["name"] = json!(n);
+            }
+            ("stats", a)
+        }
+        Verb::Shutdown { .. } => ("shutdown", json!({})),
+    })
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn b(v: &Value, k: &str) -> bool {
+    v.get(k).and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn list<'a>(v: &'a Value, k: &str) -> &'a [Value] {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Text that ends with a newline unless empty.
+fn lines(text: &str) -> String {
+    if text.is_empty() || text.ends_with('\n') {
+        text.to_string()
+    } else {
+        format!("{text}\n")
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn columns(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|x| x.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, x) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(x);
+            } else {
+                line.push_str(&format!("{x:<w$}  ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn size_text(sectors: u64) -> String {
+    format!(
+        "{sectors} sectors ({})",
+        human_bytes(sectors * stackbd_core::SECTOR_SIZE as u64)
+    )
+}
+
+/// `dmsetup info`'s layout.
+fn info_text(i: &Value) -> String {
+    let tables = match (b(i, "live_table"), b(i, "inactive_table")) {
+        (true, true) => "LIVE & INACTIVE",
+        (true, false) => "LIVE",
+        (false, true) => "INACTIVE",
+        (false, false) => "None",
+    };
+    let mut t = String::new();
+    t += &format!("Name:              {}\n", s(i, "name"));
+    t += &format!("State:             {}\n", s(i, "state"));
+    t += &format!("Tables present:    {tables}\n");
+    t += &format!("Open count:        {}\n", n(i, "open_count"));
+    t += &format!("Event number:      {}\n", n(i, "event_nr"));
+    t += &format!("Number of targets: {}\n", n(i, "targets"));
+    t += &format!("Size:              {}\n", size_text(n(i, "sectors")));
+    let exports: Vec<&str> = list(i, "exports")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if !exports.is_empty() {
+        t += &format!("Exports:           {}\n", exports.join(", "));
+    }
+    t
+}
+
+fn render(v: &Verb, r: &Value) -> String {
+    match v {
+        Verb::Info { .. } => info_text(r.get("info").unwrap_or(&Value::Null)),
+        Verb::Table { .. } => lines(s(r, "table")),
+        Verb::Status { .. } => lines(s(r, "status")),
+        Verb::Message { .. } => lines(s(r, "reply")),
+        Verb::Deps { .. } => {
+            let deps: Vec<String> = list(r, "deps")
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|d| format!("({d})"))
+                .collect();
+            format!("{} dependencies\t: {}\n", deps.len(), deps.join(" "))
+        }
+        Verb::Wait { .. } => format!("Event number: {}\n", n(r, "event_nr")),
+        Verb::Ls { tree, .. } => {
+            if *tree {
+                let t = s(r, "tree");
+                return if t.is_empty() {
+                    "No devices found\n".into()
+                } else {
+                    lines(t)
+                };
+            }
+            let devs = list(r, "devices");
+            if devs.is_empty() {
+                return "No devices found\n".into();
+            }
+            devs.iter()
+                .map(|d| {
+                    let kind = if b(d, "volume") {
+                        "volume".to_string()
+                    } else {
+                        format!("{} leaf", s(d, "kind"))
+                    };
+                    format!("{}\t({kind})\n", s(d, "name"))
+                })
+                .collect()
+        }
+        Verb::Leaf {
+            cmd: LeafCmd::Ls { .. },
+        } => {
+            let leaves = list(r, "leaves");
+            if leaves.is_empty() {
+                return "No leaves\n".into();
+            }
+            let mut rows = vec![["NAME", "KIND", "SECTORS", "SIZE", "ARGS", "USED BY"]
+                .map(String::from)
+                .to_vec()];
+            for l in leaves {
+                let users: Vec<&str> = list(l, "used_by")
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                rows.push(vec![
+                    s(l, "name").into(),
+                    s(l, "kind").into(),
+                    n(l, "sectors").to_string(),
+                    human_bytes(n(l, "bytes")),
+                    s(l, "args").into(),
+                    if users.is_empty() {
+                        "-".into()
+                    } else {
+                        users.join(",")
+                    },
+                ]);
+            }
+            columns(&rows)
+        }
+        Verb::Export {
+            cmd: ExportCmd::Ls { .. },
+        } => {
+            let exports = list(r, "exports");
+            if exports.is_empty() {
+                return "No exports\n".into();
+            }
+            let mut rows = vec![["NAME", "VOLUME", "SIZE", "MODE"]
+                .map(String::from)
+                .to_vec()];
+            for x in exports {
+                rows.push(vec![
+                    s(x, "name").into(),
+                    s(x, "volume").into(),
+                    human_bytes(n(x, "bytes")),
+                    if b(x, "read_only") { "ro" } else { "rw" }.into(),
+                ]);
+            }
+            columns(&rows)
+        }
+        Verb::Stats { .. } => stats_text(r),
+        // Changes print nothing, as dmsetup's do.
+        _ => String::new(),
+    }
+}
+
+fn stats_text(r: &Value) -> String {
+    let mut t = format!(
+        "Uptime: {:.1} s\n",
+        r.get("uptime_s").and_then(Value::as_f64).unwrap_or(0.0)
+    );
+    const COLS: [(&str, &str); 13] = [
+        ("submitted", "SUBMITTED"),
+        ("completed", "COMPLETED"),
+        ("splits", "SPLITS"),
+        ("held", "HELD"),
+        ("pool_allocs", "ALLOCS"),
+        ("pool_exhausted", "EXHAUSTED"),
+        ("pool_grown", "GROWN"),
+        ("pool_notifications", "NOTIFIED"),
+        ("frame_overflows", "OVERFLOWS"),
+        ("loops", "LOOPS"),
+        ("sleeps", "SLEEPS"),
+        ("frontends", "FRONTENDS"),
+        ("refused", "REFUSED"),
+    ];
+    let reactors = list(r, "reactors");
+    if !reactors.is_empty() {
+        let mut rows = vec![std::iter::once("REACTOR")
+            .chain(COLS.iter().map(|c| c.1))
+            .map(String::from)
+            .collect::<Vec<_>>()];
+        let row = |label: String, o: &Value| {
+            std::iter::once(label)
+                .chain(COLS.iter().map(|c| match o.get(c.0) {
+                    Some(x) => x.to_string(),
+                    None => "-".into(),
+                }))
+                .collect::<Vec<_>>()
+        };
+        for x in reactors {
+            rows.push(row(n(x, "id").to_string(), x));
+        }
+        if reactors.len() > 1 {
+            rows.push(row("total".into(), r.get("totals").unwrap_or(&Value::Null)));
+        }
+        t += &columns(&rows);
+    }
+    let exports = list(r, "exports");
+    if !exports.is_empty() {
+        t += "\n";
+        let mut rows = vec![["EXPORT", "VOLUME", "SIZE", "MODE"]
+            .map(String::from)
+            .to_vec()];
+        for x in exports {
+            rows.push(vec![
+                s(x, "name").into(),
+                s(x, "volume").into(),
+                human_bytes(n(x, "bytes")),
+                if b(x, "read_only") { "ro" } else { "rw" }.into(),
+            ]);
+        }
+        t += &columns(&rows);
+    }
+    let volumes = list(r, "volumes");
+    if !volumes.is_empty() {
+        t += "\n";
+        let mut rows = vec![[
+            "VOLUME", "STATE", "SECTORS", "SIZE", "TARGETS", "OPEN", "EVENTS",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for v in volumes {
+            rows.push(vec![
+                s(v, "name").into(),
+                s(v, "state").into(),
+                n(v, "sectors").to_string(),
+                human_bytes(n(v, "bytes")),
+                n(v, "targets").to_string(),
+                n(v, "open_count").to_string(),
+                n(v, "event_nr").to_string(),
+            ]);
+        }
+        t += &columns(&rows);
+    }
+    t
+}

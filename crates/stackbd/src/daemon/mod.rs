@@ -1,0 +1,380 @@
+//! `stackbd serve`: the daemon. Reactor threads serve NBD connections; an acceptor thread per
+//! listener hands new connections to the reactors; the control socket (JSON lines) drives the
+//! engine; the state (leaves, volumes, tables, exports) is written atomically to the state dir
+//! on every change, in the config file's own format, and read back on restart.
+
+pub mod control;
+pub mod nbd;
+pub mod state;
+
+use crate::config;
+use nbd::{ExportEntry, ExportTable, NbdFrontend, Sock};
+use stackbd_core::copy::{CopyFrontend, CopyJob, CopyOpts, CopyProgress};
+use stackbd_core::runtime::{Attacher, Mode, RuntimeConfig};
+use stackbd_core::{Engine, ReactorConfig, SECTOR_SIZE};
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The demo stack served when no config is given: two mem leaves, a striped volume, a linear
+/// volume on top, exported as `demo`.
+pub const DEMO_CONFIG: &str = r#"# stackbd's built-in demo stack
+[leaf.m0]
+kind = "mem"
+size = "512MiB"
+[leaf.m1]
+kind = "mem"
+size = "512MiB"
+[volume.data]
+table = "0 2097152 striped 2 128 m0 0 m1 0"
+[volume.demo]
+table = "0 2097152 linear data 0"
+[export.demo]
+volume = "demo"
+read_only = false
+"#;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Config file (leaves, volumes, exports); without one, the demo stack is served.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the state is kept; on start, a state found there wins over --config.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// TCP address for NBD ("none" to serve no TCP).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub listen: String,
+    /// Unix socket path for NBD.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Control socket path (default $STACKBD_CONTROL or /run/stackbd/control.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Completion mode of the reactors.
+    #[arg(long, default_value = "interrupt")]
+    pub mode: Mode,
+    /// Reactor threads (default: one per core).
+    #[arg(long)]
+    pub reactors: Option<usize>,
+}
+
+/// Where the CLI and the daemon meet by default.
+pub fn default_control_path() -> PathBuf {
+    std::env::var_os("STACKBD_CONTROL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/stackbd/control.sock"))
+}
+
+/// Everything the control plane shares.
+pub struct Daemon {
+    pub engine: Mutex<Engine>,
+    pub exports: Arc<ExportTable>,
+    pub state_dir: Option<PathBuf>,
+    /// Set on SIGTERM/SIGINT or a `shutdown` request.
+    pub stop: Arc<AtomicBool>,
+    /// Tells connections to finish and close.
+    pub closing: Arc<AtomicBool>,
+    pub attacher: Attacher,
+    pub started: Instant,
+    /// Copy jobs running on the reactors, by id, with when they started.
+    pub copies: Mutex<std::collections::BTreeMap<u64, (Arc<CopyProgress>, Instant)>>,
+}
+
+impl Daemon {
+    /// Writes the state file (atomically); logs and carries on if it cannot.
+    pub fn save(&self, engine: &Engine) {
+        if let Some(dir) = &self.state_dir {
+            if let Err(e) = state::save(dir, engine, &self.exports) {
+                eprintln!("stackbd: cannot write state to {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// Adds an export of `volume` (opening it, so it cannot be removed under clients).
+    pub fn add_export(
+        &self,
+        engine: &mut Engine,
+        name: &str,
+        volume: &str,
+        read_only: bool,
+    ) -> Result<(), String> {
+        if self.exports.get(name).is_some() {
+            return Err(format!("export '{name}' already exists"));
+        }
+        let info = engine.info(volume).map_err(|e| e.to_string())?;
+        engine.open(volume).map_err(|e| e.to_string())?;
+        self.exports.set(ExportEntry {
+            name: name.to_string(),
+            volume: volume.to_string(),
+            dev: info.dev,
+            size_bytes: info.size * SECTOR_SIZE as u64,
+            read_only,
+            description: format!("stackbd volume {volume}"),
+        });
+        Ok(())
+    }
+
+    /// Starts a copy job on a reactor; returns its id.
+    pub fn start_copy(
+        &self,
+        dev: stackbd_core::DevId,
+        src: u64,
+        dst: u64,
+        len: u64,
+        opts: CopyOpts,
+    ) -> u64 {
+        let progress = Arc::new(CopyProgress::default());
+        let job = CopyJob::new(dev, src, dst, len, opts, 0);
+        let mut jobs = self.copies.lock().unwrap();
+        let id = jobs.keys().next_back().map_or(1, |k| k + 1);
+        jobs.insert(id, (progress.clone(), Instant::now()));
+        self.attacher
+            .attach(Box::new(CopyFrontend::new(job, progress)), None);
+        id
+    }
+
+    pub fn copy_job(&self, id: u64) -> Option<(Arc<CopyProgress>, Instant)> {
+        self.copies.lock().unwrap().get(&id).cloned()
+    }
+
+    /// Re-reads export sizes after a table change.
+    pub fn refresh_exports(&self, engine: &Engine) {
+        for e in self.exports.all() {
+            if let Ok(info) = engine.info(&e.volume) {
+                self.exports
+                    .resize(&e.volume, info.size * SECTOR_SIZE as u64);
+            }
+        }
+    }
+}
+
+fn load_config(args: &ServeArgs) -> Result<(config::Config, String), String> {
+    if let Some(dir) = &args.state_dir {
+        let p = state::path(dir);
+        if p.exists() {
+            let c = config::load(&p).map_err(|e| e.to_string())?;
+            return Ok((c, format!("state {}", p.display())));
+        }
+    }
+    match &args.config {
+        Some(p) => {
+            // Relative leaf paths are resolved against the config file's folder; with an
+            // absolute config path they come out absolute, so the state file (read back from
+            // the state dir, not from here) names the same files.
+            let abs = std::path::absolute(p).map_err(|e| format!("config {}: {e}", p.display()))?;
+            Ok((
+                config::load(&abs).map_err(|e| e.to_string())?,
+                format!("config {}", p.display()),
+            ))
+        }
+        None => Ok((
+            config::parse(DEMO_CONFIG, None).map_err(|e| e.to_string())?,
+            "the built-in demo".into(),
+        )),
+    }
+}
+
+pub fn run(args: &ServeArgs) -> ExitCode {
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stackbd serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<(), String> {
+    let (cfg, origin) = load_config(args)?;
+    let reactors = args
+        .reactors
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = RuntimeConfig {
+        reactors,
+        mode: args.mode,
+        reactor: ReactorConfig {
+            pool_capacity: 4096,
+            ..ReactorConfig::default()
+        },
+        ..RuntimeConfig::default()
+    };
+    let engine = Engine::with_threads(stackbd_targets::registry(), rt)
+        .map_err(|e| format!("cannot start reactors: {e}"))?;
+    let built = config::build_on(&cfg, engine).map_err(|e| e.to_string())?;
+    let mut engine = built.engine;
+    let attacher = engine.threads().expect("threaded engine").attacher();
+    if let Some(dir) = &args.state_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
+    }
+    let daemon = Arc::new(Daemon {
+        engine: Mutex::new(Engine::new(
+            stackbd_targets::registry(),
+            ReactorConfig::default(),
+        )),
+        exports: Arc::new(ExportTable::default()),
+        state_dir: args.state_dir.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        closing: Arc::new(AtomicBool::new(false)),
+        attacher,
+        started: Instant::now(),
+        copies: Mutex::new(std::collections::BTreeMap::new()),
+    });
+    for x in &cfg.exports {
+        daemon
+            .add_export(&mut engine, &x.name, &x.volume, x.read_only)
+            .map_err(|e| format!("export '{}': {e}", x.name))?;
+    }
+    daemon.save(&engine);
+    *daemon.engine.lock().unwrap() = engine;
+
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, daemon.stop.clone())
+            .map_err(|e| format!("signal handler: {e}"))?;
+    }
+
+    let mut acceptors = Vec::new();
+    let mut where_ = Vec::new();
+    if args.listen != "none" {
+        let l = TcpListener::bind(&args.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        where_.push(format!(
+            "nbd://{}",
+            l.local_addr().map_err(|e| e.to_string())?
+        ));
+        let d = daemon.clone();
+        acceptors.push(
+            std::thread::Builder::new()
+                .name("nbd-tcp".into())
+                .spawn(move || accept_loop(&d, Listener::Tcp(l)))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    if let Some(p) = &args.socket {
+        let _ = std::fs::remove_file(p);
+        let l =
+            UnixListener::bind(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
+        where_.push(format!("nbd+unix:///?socket={}", p.display()));
+        let d = daemon.clone();
+        acceptors.push(
+            std::thread::Builder::new()
+                .name("nbd-unix".into())
+                .spawn(move || accept_loop(&d, Listener::Unix(l)))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let control_path = args.control.clone().unwrap_or_else(default_control_path);
+    let control = control::spawn(daemon.clone(), &control_path)?;
+
+    let names: Vec<String> = daemon.exports.all().into_iter().map(|e| e.name).collect();
+    eprintln!(
+        "stackbd: serving {} from {origin} on {} ({} reactors, {} mode); control socket {}",
+        if names.is_empty() {
+            "no exports".to_string()
+        } else {
+            format!("export(s) {}", names.join(", "))
+        },
+        if where_.is_empty() {
+            "no NBD listener".to_string()
+        } else {
+            where_.join(" and ")
+        },
+        reactors,
+        args.mode,
+        control_path.display()
+    );
+
+    while !daemon.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        // Suspend deadlines are the control plane's to enforce.
+        daemon.engine.lock().unwrap().poll();
+    }
+
+    // Clean stop: no new connections, in-flight I/O drains, data is flushed, state is written.
+    eprintln!("stackbd: stopping: draining connections");
+    for a in acceptors {
+        let _ = a.join();
+    }
+    daemon.closing.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let mut engine = daemon.engine.lock().unwrap();
+    while engine.threads().map_or(0, |t| t.frontends()) > 0
+        && start.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut sync_errors = 0;
+    for (name, is_volume) in engine.ls() {
+        if !is_volume {
+            if let Ok(l) = engine.leaf(&name) {
+                if let Err(e) = l.sync() {
+                    eprintln!("stackbd: flushing leaf {name}: {e}");
+                    sync_errors += 1;
+                }
+            }
+        }
+    }
+    daemon.save(&engine);
+    engine.stop_threads();
+    drop(engine);
+    let _ = std::fs::remove_file(&control_path);
+    if let Some(p) = &args.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(control);
+    eprintln!("stackbd: stopped");
+    if sync_errors > 0 {
+        return Err(format!("{sync_errors} leaves could not be flushed"));
+    }
+    Ok(())
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Accepts connections until the daemon stops; each becomes a frontend on a reactor.
+fn accept_loop(d: &Daemon, l: Listener) {
+    let fd = match &l {
+        Listener::Tcp(l) => l.as_fd(),
+        Listener::Unix(l) => l.as_fd(),
+    };
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
+    while !d.stop.load(Ordering::Relaxed) {
+        let mut pfd = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        if !matches!(rustix::event::poll(&mut pfd, Some(&timeout)), Ok(n) if n > 0) {
+            continue;
+        }
+        let sock = match &l {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| Sock::Tcp(s)),
+            Listener::Unix(l) => l.accept().map(|(s, _)| Sock::Unix(s)),
+        };
+        match sock {
+            Ok(s) => match NbdFrontend::new(s, d.exports.clone(), d.closing.clone()) {
+                Ok(fe) => {
+                    d.attacher.attach(Box::new(fe), None);
+                }
+                Err(e) => eprintln!("stackbd: connection setup failed: {e}"),
+            },
+            Err(e) => eprintln!("stackbd: accept: {e}"),
+        }
+    }
+}
+
+/// Used by tests and the CLI: is a path a live control socket?
+pub fn control_alive(p: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(p).is_ok()
+}

@@ -1,0 +1,439 @@
+//! NBD connections as reactor frontends: each connection lives on one reactor thread, reads
+//! requests from its non-blocking socket, submits them as bios on that reactor and writes replies
+//! as they complete (pipelined, in completion order). No thread per connection or per request,
+//! no thread hop per I/O, no allocation per request in steady state.
+
+use stackbd_core::leaf::Extent;
+use stackbd_core::runtime::{Frontend, FrontendCx};
+use stackbd_core::{BioFlags, Completion, DataBuf, DevId, Op, Request, Status, SECTOR_SIZE};
+use stackbd_nbd::server::{
+    ExportInfo, ExportSummary, Exports, Io, IoKind, ServerConfig, ServerConn, State,
+};
+use stackbd_nbd::Errno;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One export as the daemon serves it.
+#[derive(Clone, Debug)]
+pub struct ExportEntry {
+    pub name: String,
+    pub volume: String,
+    pub dev: DevId,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub description: String,
+}
+
+/// The exports, shared by the control plane (which updates them) and connections (which read
+/// them during the handshake only).
+#[derive(Default)]
+pub struct ExportTable {
+    map: Mutex<BTreeMap<String, ExportEntry>>,
+}
+
+impl ExportTable {
+    pub fn set(&self, e: ExportEntry) {
+        self.map.lock().unwrap().insert(e.name.clone(), e);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<ExportEntry> {
+        self.map.lock().unwrap().remove(name)
+    }
+
+    pub fn all(&self) -> Vec<ExportEntry> {
+        self.map.lock().unwrap().values().cloned().collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<ExportEntry> {
+        self.map.lock().unwrap().get(name).cloned()
+    }
+
+    /// Updates the size of every export of `volume` (after a reload).
+    pub fn resize(&self, volume: &str, size_bytes: u64) {
+        for e in self.map.lock().unwrap().values_mut() {
+            if e.volume == volume {
+                e.size_bytes = size_bytes;
+            }
+        }
+    }
+}
+
+impl Exports for ExportTable {
+    fn list(&self) -> Vec<ExportSummary> {
+        self.all()
+            .into_iter()
+            .map(|e| ExportSummary {
+                name: e.name,
+                description: e.description,
+            })
+            .collect()
+    }
+
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let e = self.get(name)?;
+        let mut info = ExportInfo::new(e.name, e.size_bytes, e.dev.0 as u64);
+        info.description = e.description;
+        info.read_only = e.read_only;
+        info.can_trim = !e.read_only;
+        info.can_write_zeroes = !e.read_only;
+        info.can_fast_zero = !e.read_only;
+        info.can_cache = true;
+        // Flushes reach every leaf under the volume, so a flush on one connection covers writes
+        // completed on any other.
+        info.can_multi_conn = true;
+        Some(info)
+    }
+
+    fn default_export(&self) -> Option<String> {
+        let m = self.map.lock().unwrap();
+        // An empty name picks the only export, or the one named "demo".
+        if m.len() == 1 {
+            return m.keys().next().cloned();
+        }
+        m.contains_key("demo").then(|| "demo".to_string())
+    }
+}
+
+/// A client socket.
+pub enum Sock {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Sock {
+    fn fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, iov: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(iov),
+            Sock::Unix(s) => s.write_vectored(iov),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// Bytes read from the socket at a time; requests larger than this arrive over several reads.
+const READ_CHUNK: usize = 256 << 10;
+const IOV_MAX: usize = 64;
+/// Once the daemon asks connections to close, how long a client has to read the replies it is
+/// owed. Then they are dropped and the connection closes (after its I/O completed), so a client
+/// that stopped reading cannot hold the daemon's exit forever.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+pub struct NbdFrontend {
+    sock: Sock,
+    conn: ServerConn,
+    exports: Arc<ExportTable>,
+    shutdown: Arc<AtomicBool>,
+    inbuf: Vec<u8>,
+    /// Bytes of `inbuf` holding unconsumed input.
+    have: usize,
+    /// Requests that found the pool full; retried on the next poll.
+    waiting: VecDeque<Io>,
+    extents: Vec<Extent>,
+    pairs: Vec<(u32, u32)>,
+    /// Bios in flight (submitted, not completed).
+    running: usize,
+    closed: bool,
+    eof: bool,
+    /// When the daemon's shutdown was first seen.
+    closing_since: Option<Instant>,
+}
+
+impl NbdFrontend {
+    pub fn new(
+        sock: Sock,
+        exports: Arc<ExportTable>,
+        shutdown: Arc<AtomicBool>,
+    ) -> std::io::Result<NbdFrontend> {
+        match &sock {
+            Sock::Tcp(s) => {
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)?;
+            }
+            Sock::Unix(s) => s.set_nonblocking(true)?,
+        }
+        let mut conn = ServerConn::new(ServerConfig::default());
+        conn.greeting();
+        Ok(NbdFrontend {
+            sock,
+            conn,
+            exports,
+            shutdown,
+            inbuf: vec![0u8; READ_CHUNK],
+            have: 0,
+            waiting: VecDeque::with_capacity(256),
+            extents: Vec::with_capacity(1024),
+            pairs: Vec::with_capacity(1024),
+            running: 0,
+            closed: false,
+            eof: false,
+            closing_since: None,
+        })
+    }
+
+    fn read_input(&mut self) -> usize {
+        let mut work = 0;
+        loop {
+            if self.have > 0 {
+                let n = self
+                    .conn
+                    .input(&self.inbuf[..self.have], self.exports.as_ref());
+                if n > 0 {
+                    self.inbuf.copy_within(n..self.have, 0);
+                    self.have -= n;
+                    work += 1;
+                }
+            }
+            if self.eof || !self.conn.wants_input() || self.have == self.inbuf.len() {
+                return work;
+            }
+            match self.sock.read(&mut self.inbuf[self.have..]) {
+                Ok(0) => {
+                    // The client went away (perhaps mid-request): finish what was acknowledged
+                    // to nobody, drop the rest.
+                    self.eof = true;
+                    self.conn.shutdown();
+                    return work + 1;
+                }
+                Ok(n) => {
+                    self.have += n;
+                    work += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return work,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.eof = true;
+                    self.conn.shutdown();
+                    return work + 1;
+                }
+            }
+        }
+    }
+
+    fn write_output(&mut self) -> usize {
+        let mut work = 0;
+        while self.conn.output_len() > 0 {
+            let mut iov = [IoSlice::new(&[]); IOV_MAX];
+            let n = self.conn.output_iovecs(&mut iov);
+            match self.sock.write_vectored(&iov[..n]) {
+                Ok(0) => break,
+                Ok(w) => {
+                    self.conn.consume_output(w);
+                    work += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The peer is gone: nothing more can be sent.
+                    self.eof = true;
+                    self.conn.shutdown();
+                    let len = self.conn.output_len();
+                    self.conn.consume_output(len);
+                    break;
+                }
+            }
+        }
+        work
+    }
+
+    /// Starts one request; false if the pool is full and it must wait.
+    fn start(&mut self, cx: &mut FrontendCx<'_>, io: Io) -> bool {
+        let dev = DevId(io.export as u32);
+        let sector = io.offset / SECTOR_SIZE as u64;
+        let sectors = io.length / SECTOR_SIZE as u32;
+        let mut flags = if io.fua {
+            BioFlags::FUA
+        } else {
+            BioFlags::NONE
+        };
+        let (op, data) = match io.kind {
+            IoKind::Read | IoKind::Write => {
+                let buf = self.conn.buffer(io.slot);
+                // SAFETY: the slot's buffer stays owned by the connection, untouched, until
+                // `complete` is called for this slot, which happens only after the bio (and
+                // every clone of it) completed.
+                let data = unsafe { DataBuf::from_slice(buf) };
+                (
+                    if io.kind == IoKind::Read {
+                        Op::Read
+                    } else {
+                        Op::Write
+                    },
+                    data,
+                )
+            }
+            IoKind::Flush => (Op::Flush, DataBuf::EMPTY),
+            IoKind::Trim => (Op::Discard, DataBuf::EMPTY),
+            IoKind::WriteZeroes { no_hole, fast_zero } => {
+                // Zeroing is as fast as it gets on every leaf we have (punch or zero range).
+                let _ = fast_zero;
+                if no_hole {
+                    flags = flags | BioFlags::NO_HOLE;
+                }
+                (Op::WriteZeroes, DataBuf::EMPTY)
+            }
+            IoKind::Cache => {
+                self.conn.complete(io.slot, Ok(()));
+                return true;
+            }
+            IoKind::BlockStatus { req_one } => {
+                self.block_status(cx, io, req_one);
+                return true;
+            }
+        };
+        let req = Request {
+            op,
+            flags,
+            dev,
+            sector,
+            sectors: if op == Op::Flush { 0 } else { sectors },
+            copy_src: 0,
+            data,
+            user_data: io.slot as u64,
+        };
+        match cx.submit(&req) {
+            Ok(()) => {
+                self.running += 1;
+                true
+            }
+            Err(Status::Again) => false,
+            Err(s) => {
+                self.conn.complete(io.slot, Err(errno(s)));
+                true
+            }
+        }
+    }
+
+    fn block_status(&mut self, cx: &mut FrontendCx<'_>, io: Io, req_one: bool) {
+        let dev = DevId(io.export as u32);
+        self.extents.clear();
+        let max = if req_one { 1 } else { 1024 };
+        let sector = io.offset / SECTOR_SIZE as u64;
+        let sectors = (io.length as u64).div_ceil(SECTOR_SIZE as u64);
+        cx.reactor
+            .block_status(dev, sector, sectors, max, &mut self.extents);
+        self.pairs.clear();
+        let mut left = io.length as u64;
+        for e in &self.extents {
+            if left == 0 {
+                break;
+            }
+            let bytes = (e.sectors * SECTOR_SIZE as u64)
+                .min(left)
+                .min(u32::MAX as u64 & !511);
+            self.pairs.push((bytes as u32, e.flags));
+            left -= bytes;
+        }
+        if self.pairs.is_empty() {
+            self.conn.complete(io.slot, Ok(()));
+        } else {
+            self.conn.complete_block_status(io.slot, &self.pairs);
+        }
+    }
+}
+
+fn errno(s: Status) -> Errno {
+    match s {
+        Status::Ok => Errno::Eio,
+        Status::Invalid => Errno::Einval,
+        Status::OutOfRange => Errno::Einval,
+        Status::NoSpace => Errno::Enospc,
+        Status::NotSupported => Errno::Enotsup,
+        Status::Shutdown => Errno::Eshutdown,
+        _ => Errno::Eio,
+    }
+}
+
+impl Frontend for NbdFrontend {
+    fn poll(&mut self, cx: &mut FrontendCx<'_>) -> usize {
+        if self.closed {
+            return 0;
+        }
+        if self.shutdown.load(Ordering::Relaxed) {
+            self.closing_since.get_or_insert_with(Instant::now);
+            if self.conn.state() != State::Closed && !self.eof {
+                self.conn.shutdown();
+                self.eof = true;
+            }
+        }
+        let mut work = self.read_input();
+        while let Some(io) = self.waiting.pop_front() {
+            if !self.start(cx, io) {
+                self.waiting.push_front(io);
+                break;
+            }
+            work += 1;
+        }
+        if self.waiting.is_empty() {
+            while let Some(io) = self.conn.next_io() {
+                work += 1;
+                if !self.start(cx, io) {
+                    self.waiting.push_back(io);
+                    break;
+                }
+            }
+        }
+        work += self.write_output();
+        if self.conn.output_len() > 0
+            && self
+                .closing_since
+                .is_some_and(|t| t.elapsed() >= CLOSE_GRACE)
+        {
+            // The client is not reading what it is owed: give up on it.
+            let len = self.conn.output_len();
+            self.conn.consume_output(len);
+            work += 1;
+        }
+        if self.conn.state() == State::Closed && self.running == 0 && self.conn.output_len() == 0 {
+            self.sock.shutdown();
+            self.closed = true;
+            work += 1;
+        }
+        work
+    }
+
+    fn complete(&mut self, _cx: &mut FrontendCx<'_>, c: Completion) {
+        self.running -= 1;
+        let r = if c.status.is_ok() {
+            Ok(())
+        } else {
+            Err(errno(c.status))
+        };
+        self.conn.complete(c.user_data as u32, r);
+        // Send at once: a reply waiting for the next poll is latency.
+        self.write_output();
+    }
+
+    fn wait_fds(&self, out: &mut Vec<(RawFd, bool)>) {
+        if !self.closed {
+            out.push((self.sock.fd(), self.conn.output_len() > 0));
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.closed && self.running == 0
+    }
+}

@@ -1,0 +1,98 @@
+//! The state file: the daemon's leaves, volumes (live tables) and exports, in the config file's
+//! format, written atomically (temp file, fsync, rename, fsync of the directory) on every change.
+
+use super::nbd::ExportTable;
+use stackbd_core::Engine;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join("state.toml")
+}
+
+fn quote(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// A table key: bare where TOML allows it, quoted otherwise (names may hold '.').
+fn key(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        s.to_string()
+    } else {
+        quote(s)
+    }
+}
+
+/// Renders the engine's state as a config file.
+pub fn render(engine: &Engine, exports: &ExportTable) -> String {
+    let mut out = String::from(
+        "# stackbd state: written by the daemon on every change; a valid config file\n",
+    );
+    let devices = engine.ls();
+    for (name, is_volume) in &devices {
+        if *is_volume {
+            continue;
+        }
+        let Ok(leaf) = engine.leaf(name) else {
+            continue;
+        };
+        let args = leaf.args();
+        out.push_str(&format!(
+            "\n[leaf.{}]\nkind = {}\n",
+            key(name),
+            quote(leaf.kind())
+        ));
+        match leaf.kind() {
+            "file" => {
+                let (path, direct) = match args.strip_suffix(" direct") {
+                    Some(p) => (p.to_string(), true),
+                    None => (args.clone(), false),
+                };
+                out.push_str(&format!("path = {}\ndirect = {direct}\n", quote(&path)));
+            }
+            _ => out.push_str(&format!("size = {}\n", quote(&args))),
+        }
+    }
+    for (name, is_volume) in &devices {
+        if !*is_volume {
+            continue;
+        }
+        let table = engine.table(name, false).unwrap_or_default();
+        if table.is_empty() {
+            // A volume without a live table has nothing to restore but its name.
+            out.push_str(&format!("\n# volume {name} has no live table\n"));
+            continue;
+        }
+        out.push_str(&format!(
+            "\n[volume.{}]\ntable = \"\"\"\n{table}\"\"\"\n",
+            key(name)
+        ));
+    }
+    for e in exports.all() {
+        out.push_str(&format!(
+            "\n[export.{}]\nvolume = {}\nread_only = {}\n",
+            key(&e.name),
+            quote(&e.volume),
+            e.read_only
+        ));
+    }
+    out
+}
+
+/// Writes the state atomically.
+pub fn save(dir: &Path, engine: &Engine, exports: &ExportTable) -> std::io::Result<()> {
+    let text = render(engine, exports);
+    let final_path = path(dir);
+    let tmp = dir.join(".state.toml.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &final_path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
