@@ -703,7 +703,8 @@ fn handle_with(d: &Daemon, req: &Value, gone: &dyn Fn() -> bool) -> Result<Value
                 .exports
                 .remove(name)
                 .ok_or_else(|| format!("export '{name}' does not exist"))?;
-            // The export held the volume open.
+            // Its connections close; the export held the volume open.
+            x.revoke();
             e.close(x.dev);
             changed(d, &e, false);
             Ok(json!({"removed": name, "volume": x.volume}))
@@ -746,6 +747,11 @@ fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
             d.exports.set(x);
         }
         return Err(es(err));
+    }
+    // Before the lock goes (and any later volume can take the freed id): connections of the
+    // dropped exports stop for good.
+    for x in &exports {
+        x.revoke();
     }
     changed(d, &e, false);
     Ok(json!({

@@ -116,6 +116,8 @@ impl Daemon {
             size_bytes: info.size * SECTOR_SIZE as u64,
             read_only,
             description: format!("stackbd volume {volume}"),
+            id: self.exports.new_id(),
+            revoked: Arc::new(AtomicBool::new(false)),
         });
         Ok(())
     }

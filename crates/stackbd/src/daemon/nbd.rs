@@ -26,16 +26,43 @@ pub struct ExportEntry {
     pub size_bytes: u64,
     pub read_only: bool,
     pub description: String,
+    /// This export's own handle (never reused), which connections quote in every request.
+    pub id: u64,
+    /// Set when the export goes away: its connections stop submitting and close, so they never
+    /// reach a device that a later volume reuses the id of.
+    pub revoked: Arc<AtomicBool>,
+}
+
+impl ExportEntry {
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+    }
 }
 
 /// The exports, shared by the control plane (which updates them) and connections (which read
-/// them during the handshake only).
+/// them during the handshake, and once more to bind their export).
 #[derive(Default)]
 pub struct ExportTable {
     map: Mutex<BTreeMap<String, ExportEntry>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl ExportTable {
+    /// A fresh export handle.
+    pub fn new_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The device and revocation flag behind an export handle.
+    pub fn by_handle(&self, id: u64) -> Option<(DevId, Arc<AtomicBool>)> {
+        self.map
+            .lock()
+            .unwrap()
+            .values()
+            .find(|e| e.id == id)
+            .map(|e| (e.dev, e.revoked.clone()))
+    }
+
     pub fn set(&self, e: ExportEntry) {
         self.map.lock().unwrap().insert(e.name.clone(), e);
     }
@@ -75,7 +102,7 @@ impl Exports for ExportTable {
 
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         let e = self.get(name)?;
-        let mut info = ExportInfo::new(e.name, e.size_bytes, e.dev.0 as u64);
+        let mut info = ExportInfo::new(e.name, e.size_bytes, e.id);
         info.description = e.description;
         info.read_only = e.read_only;
         info.can_trim = !e.read_only;
@@ -160,6 +187,8 @@ pub struct NbdFrontend {
     eof: bool,
     /// When the daemon's shutdown was first seen.
     closing_since: Option<Instant>,
+    /// The export this connection serves, bound on its first request: (handle, device, revoked).
+    bound: Option<(u64, DevId, Arc<AtomicBool>)>,
 }
 
 impl NbdFrontend {
@@ -191,6 +220,7 @@ impl NbdFrontend {
             closed: false,
             eof: false,
             closing_since: None,
+            bound: None,
         })
     }
 
@@ -261,7 +291,10 @@ impl NbdFrontend {
 
     /// Starts one request; false if the pool is full and it must wait.
     fn start(&mut self, cx: &mut FrontendCx<'_>, io: Io) -> bool {
-        let dev = DevId(io.export as u32);
+        let Some(dev) = self.device(io.export) else {
+            self.conn.complete(io.slot, Err(Errno::Eshutdown));
+            return true;
+        };
         let sector = io.offset / SECTOR_SIZE as u64;
         let sectors = io.length / SECTOR_SIZE as u32;
         let mut flags = if io.fua {
@@ -327,8 +360,26 @@ impl NbdFrontend {
         }
     }
 
+    /// The device behind an export handle: bound once per connection (one look-up), and never
+    /// again once the export was revoked.
+    fn device(&mut self, handle: u64) -> Option<DevId> {
+        match &self.bound {
+            Some((h, dev, revoked)) if *h == handle => {
+                (!revoked.load(Ordering::Acquire)).then_some(*dev)
+            }
+            _ => {
+                let (dev, revoked) = self.exports.by_handle(handle)?;
+                self.bound = Some((handle, dev, revoked.clone()));
+                (!revoked.load(Ordering::Acquire)).then_some(dev)
+            }
+        }
+    }
+
     fn block_status(&mut self, cx: &mut FrontendCx<'_>, io: Io, req_one: bool) {
-        let dev = DevId(io.export as u32);
+        let Some(dev) = self.device(io.export) else {
+            self.conn.complete(io.slot, Err(Errno::Eshutdown));
+            return;
+        };
         self.extents.clear();
         let max = if req_one { 1 } else { 1024 };
         let sector = io.offset / SECTOR_SIZE as u64;
@@ -371,6 +422,16 @@ impl Frontend for NbdFrontend {
     fn poll(&mut self, cx: &mut FrontendCx<'_>) -> usize {
         if self.closed {
             return 0;
+        }
+        // The export went away: answer nothing new, finish what runs, close.
+        if self
+            .bound
+            .as_ref()
+            .is_some_and(|b| b.2.load(Ordering::Acquire))
+            && !self.eof
+        {
+            self.conn.shutdown();
+            self.eof = true;
         }
         if self.shutdown.load(Ordering::Relaxed) {
             self.closing_since.get_or_insert_with(Instant::now);
