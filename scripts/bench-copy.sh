@@ -4,15 +4,28 @@
 #   two files: the layer that sees both copies between them in the kernel (copy_file_range);
 #   --emulate: every piece read into a bounce buffer and written back.
 # Runs alternate and repeat (noisy shared machine); prints the median seconds of each and ratios.
-# Usage: scripts/bench-copy.sh [DIR] [RUNS]   (DIR defaults to /var/tmp/stackbd-copy-bench)
+# With --xfs (as root, xfsprogs installed) the files live on a loop-mounted XFS with reflink, where
+# copy_file_range clones extents instead of copying bytes.
+# Usage: scripts/bench-copy.sh [--xfs] [DIR] [RUNS]   (DIR defaults to /var/tmp/stackbd-copy-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+xfs=
+if [ "${1:-}" = --xfs ]; then xfs=1; shift; fi
 dir=${1:-/var/tmp/stackbd-copy-bench}
 runs=${2:-5}
 cargo build --release -q -p stackbd
 bin=$PWD/target/release/stackbd
 mkdir -p "$dir"
-trap 'rm -rf "$dir"' EXIT
+fs="ext4 (the machine's disk)"
+if [ -n "$xfs" ]; then
+    truncate -s 6G "$dir.xfs.img"
+    mkfs.xfs -q -f -m reflink=1 "$dir.xfs.img"
+    mount -o loop "$dir.xfs.img" "$dir"
+    trap 'umount "$dir"; rm -f "$dir.xfs.img"; rmdir "$dir"' EXIT
+    fs="XFS with reflink (loop-mounted)"
+else
+    trap 'rm -rf "$dir"' EXIT
+fi
 dd if=/dev/urandom of="$dir/a.img" bs=1M count=1024 status=none
 truncate -s 2100M "$dir/a.img"
 truncate -s 2100M "$dir/b.img"
@@ -45,7 +58,7 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 m1=$(echo "${t[one_off]}" | median); e1=$(echo "${t[one_emu]}" | median)
 m2=$(echo "${t[two_off]}" | median); e2=$(echo "${t[two_emu]}" | median)
-echo "# scripts/bench-copy.sh: 1 GiB copy, median of $runs alternating runs ($(date -u +%F), $(nproc) cores, $(uname -r))"
+echo "# scripts/bench-copy.sh ${xfs:+--xfs }: 1 GiB copy on $fs, median of $runs alternating runs ($(date -u +%F), $(nproc) cores, $(uname -r))"
 echo
 echo "| copy | offloaded (s) | emulated (s) | offload speed-up |"
 echo "|---|---|---|---|"

@@ -15,7 +15,7 @@ use std::time::Duration;
 /// How to reach the daemon and how to print; on every verb.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Conn {
-    /// The daemon's control socket [default: $STACKBD_CONTROL, else /run/stackbd/control.sock]
+    /// The daemon's control socket [default: $STACKBD_CONTROL, else /run/stackbd/control.sock for root, else under $XDG_RUNTIME_DIR or /tmp/stackbd-UID]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Print the daemon's reply object (one line of JSON) instead of text.

@@ -29,7 +29,8 @@ use serde::Deserialize;
 use stackbd_core::table::TableError;
 use stackbd_core::{Engine, EngineError, Leaf, ReactorConfig, SECTOR_SIZE};
 use stackbd_leaves::file::{FileOptions, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
-use stackbd_leaves::{FileLeaf, MemLeaf, NullLeaf};
+use stackbd_leaves::nbd_client::{NbdOptions, NbdUri};
+use stackbd_leaves::{FileLeaf, MemLeaf, NbdLeaf, NullLeaf};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
@@ -44,7 +45,7 @@ mod graph;
 // ---------------------------------------------------------------------------------------------
 
 /// Leaf kinds the config accepts, as written in `kind = "..."`.
-pub const LEAF_KINDS: &[&str] = &["mem", "null", "file"];
+pub const LEAF_KINDS: &[&str] = &["mem", "null", "file", "nbd"];
 
 /// A whole configuration file, items in the order the file declares them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -94,6 +95,14 @@ pub enum LeafSpec {
         /// Ring depth per reactor.
         queue_depth: u32,
     },
+    /// A remote NBD export: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+    Nbd {
+        uri: String,
+        /// Connections per reactor (1 unless the server allows multi-conn).
+        connections: u32,
+        /// A request older than this is a path error (`Timeout`).
+        timeout: std::time::Duration,
+    },
 }
 
 impl LeafSpec {
@@ -103,6 +112,7 @@ impl LeafSpec {
             LeafSpec::Mem { .. } => "mem",
             LeafSpec::Null { .. } => "null",
             LeafSpec::File { .. } => "file",
+            LeafSpec::Nbd { .. } => "nbd",
         }
     }
 
@@ -110,7 +120,7 @@ impl LeafSpec {
     pub fn size_bytes(&self) -> Option<u64> {
         match self {
             LeafSpec::Mem { size_bytes } | LeafSpec::Null { size_bytes } => Some(*size_bytes),
-            LeafSpec::File { .. } => None,
+            LeafSpec::File { .. } | LeafSpec::Nbd { .. } => None,
         }
     }
 
@@ -134,6 +144,18 @@ impl LeafSpec {
                     std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
                 })?;
                 Arc::new(leaf)
+            }
+            LeafSpec::Nbd {
+                uri,
+                connections,
+                timeout,
+            } => {
+                let opts = NbdOptions {
+                    connections: *connections,
+                    timeout: *timeout,
+                    ..NbdOptions::default()
+                };
+                Arc::new(NbdLeaf::connect(uri, opts)?)
             }
         })
     }
@@ -707,6 +729,39 @@ fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
                 queue_depth: queue_depth?.map_or(DEFAULT_QUEUE_DEPTH, |n| n as u32),
             }
         }
+        "nbd" => {
+            const TAKES: &str = "nbd leaves take: kind, uri, connections, timeout";
+            let uri = f.string(cx, "uri", TAKES).and_then(|(uri, span)| {
+                let check = NbdUri::parse(&uri).map(|_| ());
+                check.map(|()| uri).map_err(|e| {
+                    let line = cx.lines.line(span.start);
+                    f.invalid(cx, Some(line), format!("uri: {e}"));
+                })
+                .ok()
+            });
+            let connections = f.integer(cx, "connections", 1..=64);
+            let timeout = match f.take("timeout") {
+                None => Some(NbdOptions::default().timeout),
+                Some(v) => {
+                    let r = match v.get_ref() {
+                        Value::String(s) => parse_duration(s),
+                        Value::Integer(n) if *n > 0 => Ok(std::time::Duration::from_secs(*n as u64)),
+                        _ => Err("expected a duration like \"5s\" or \"500ms\"".to_string()),
+                    };
+                    r.map_err(|e| {
+                        let line = cx.lines.line(v.span().start);
+                        f.invalid(cx, Some(line), format!("timeout: {e}"));
+                    })
+                    .ok()
+                }
+            };
+            f.finish(cx, TAKES);
+            LeafSpec::Nbd {
+                uri: uri?,
+                connections: connections?.map_or(1, |n| n as u32),
+                timeout: timeout?,
+            }
+        }
         other => {
             f.invalid(
                 cx,
@@ -721,6 +776,24 @@ fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
         line,
         spec,
     })
+}
+
+/// A positive duration: a number with `ms`, `s` or `m` (`"5s"`, `"500ms"`, `"1.5s"`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 1e-3,
+        "s" | "" => 1.0,
+        "m" | "min" => 60.0,
+        _ => return Err(format!("invalid duration '{text}': use ms, s or m")),
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n > 0.0 => std::time::Duration::try_from_secs_f64(n * scale)
+            .map_err(|e| format!("invalid duration '{text}': {e}")),
+        _ => Err(format!("invalid duration '{text}': expected a positive number")),
+    }
 }
 
 /// The file line of the first line of a string value's text, if the string maps line for line.

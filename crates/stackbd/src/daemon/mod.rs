@@ -64,11 +64,21 @@ pub struct ServeArgs {
     pub reactors: Option<usize>,
 }
 
-/// Where the CLI and the daemon meet by default.
+/// Where the CLI and the daemon meet by default: `$STACKBD_CONTROL`, else
+/// `/run/stackbd/control.sock` for root, else under `$XDG_RUNTIME_DIR` (or `/tmp/stackbd-UID`),
+/// so the daemon starts for any user.
 pub fn default_control_path() -> PathBuf {
-    std::env::var_os("STACKBD_CONTROL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/stackbd/control.sock"))
+    if let Some(p) = std::env::var_os("STACKBD_CONTROL") {
+        return PathBuf::from(p);
+    }
+    let uid = rustix::process::getuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/stackbd/control.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("stackbd/control.sock"),
+        None => PathBuf::from(format!("/tmp/stackbd-{}/control.sock", uid.as_raw())),
+    }
 }
 
 /// Everything the control plane shares.
