@@ -2,11 +2,13 @@
 
 pub mod file;
 pub mod mem;
+pub mod nbd_client;
 pub mod null;
 mod region;
 
 pub use file::FileLeaf;
 pub use mem::MemLeaf;
+pub use nbd_client::NbdLeaf;
 pub use null::NullLeaf;
 
 /// Page size used for sparse RAM bookkeeping.

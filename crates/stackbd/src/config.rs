@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [leaf.m0]
-//! kind = "mem"          # mem | null | file
+//! kind = "mem"          # mem | null | file | nbd
 //! size = "1GiB"         # bytes, or a whole number with B, K/KiB, M/MiB, G/GiB, T/TiB (binary)
 //!
 //! [leaf.f0]
@@ -10,6 +10,12 @@
 //! path = "disk.img"     # file's (relative paths are relative to the config file's folder)
 //! direct = true         # O_DIRECT (optional, default false)
 //! queue_depth = 256     # ring depth per reactor (optional, 1..=4096, default 256)
+//!
+//! [leaf.n0]
+//! kind = "nbd"          # a remote NBD export (nbd://host:port/export also works)
+//! uri = "nbd+unix:///export?socket=/run/nbd.sock"
+//! connections = 2       # per reactor, if the server allows multi-conn (optional, default 1)
+//! timeout = "5s"        # older requests fail as path errors (optional, default 30s)
 //!
 //! [volume.data]
 //! table = "0 2097152 linear m0 0"     # dmsetup table text; may span lines (""" ... """)
@@ -733,11 +739,13 @@ fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
             const TAKES: &str = "nbd leaves take: kind, uri, connections, timeout";
             let uri = f.string(cx, "uri", TAKES).and_then(|(uri, span)| {
                 let check = NbdUri::parse(&uri).map(|_| ());
-                check.map(|()| uri).map_err(|e| {
-                    let line = cx.lines.line(span.start);
-                    f.invalid(cx, Some(line), format!("uri: {e}"));
-                })
-                .ok()
+                check
+                    .map(|()| uri)
+                    .map_err(|e| {
+                        let line = cx.lines.line(span.start);
+                        f.invalid(cx, Some(line), format!("uri: {e}"));
+                    })
+                    .ok()
             });
             let connections = f.integer(cx, "connections", 1..=64);
             let timeout = match f.take("timeout") {
@@ -745,7 +753,9 @@ fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
                 Some(v) => {
                     let r = match v.get_ref() {
                         Value::String(s) => parse_duration(s),
-                        Value::Integer(n) if *n > 0 => Ok(std::time::Duration::from_secs(*n as u64)),
+                        Value::Integer(n) if *n > 0 => {
+                            Ok(std::time::Duration::from_secs(*n as u64))
+                        }
                         _ => Err("expected a duration like \"5s\" or \"500ms\"".to_string()),
                     };
                     r.map_err(|e| {
@@ -781,7 +791,9 @@ fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
 /// A positive duration: a number with `ms`, `s` or `m` (`"5s"`, `"500ms"`, `"1.5s"`).
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let scale = match unit.trim() {
         "ms" => 1e-3,
@@ -792,7 +804,9 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     match num.parse::<f64>() {
         Ok(n) if n > 0.0 => std::time::Duration::try_from_secs_f64(n * scale)
             .map_err(|e| format!("invalid duration '{text}': {e}")),
-        _ => Err(format!("invalid duration '{text}': expected a positive number")),
+        _ => Err(format!(
+            "invalid duration '{text}': expected a positive number"
+        )),
     }
 }
 
@@ -1298,6 +1312,34 @@ mod tests {
     }
 
     #[test]
+    fn reads_nbd_leaves() {
+        let text = "[leaf.n]\nkind = \"nbd\"\nuri = \"nbd://h:99/e\"\nconnections = 2\ntimeout = \"500ms\"\n";
+        let cfg = parse(text, None).unwrap();
+        assert_eq!(
+            cfg.leaves[0].spec,
+            LeafSpec::Nbd {
+                uri: "nbd://h:99/e".into(),
+                connections: 2,
+                timeout: std::time::Duration::from_millis(500),
+            }
+        );
+        assert_eq!(cfg.leaves[0].spec.kind(), "nbd");
+        let text = "[leaf.n]\nkind = \"nbd\"\nuri = \"nbd+unix:///e?socket=/s\"\n";
+        let cfg = parse(text, None).unwrap();
+        assert!(matches!(
+            &cfg.leaves[0].spec,
+            LeafSpec::Nbd { connections: 1, .. }
+        ));
+        assert!(parse("[leaf.n]\nkind = \"nbd\"\nuri = \"http://x\"\n", None).is_err());
+        assert!(parse(
+            "[leaf.n]\nkind = \"nbd\"\nuri = \"nbd://h/\"\ntimeout = \"5 parsecs\"\n",
+            None
+        )
+        .is_err());
+        assert!(parse("[leaf.n]\nkind = \"nbd\"\n", None).is_err());
+    }
+
+    #[test]
     fn orders_volumes_by_dependency_in_file_order() {
         let text = r#"
             [leaf.m0]
@@ -1382,7 +1424,7 @@ mod tests {
         assert_eq!(e.0[0].line, Some(5));
         assert_eq!(
             e.0[0].to_string(),
-            "5: [leaf.x]: missing 'kind' (one of: mem, null, file)"
+            "5: [leaf.x]: missing 'kind' (one of: mem, null, file, nbd)"
         );
     }
 

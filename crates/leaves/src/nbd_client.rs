@@ -1,0 +1,1146 @@
+//! `nbd`: a leaf on a remote NBD server (stackbd, nbdkit, qemu-nbd...).
+//!
+//! [`NbdLeaf::connect`] does the fixed-newstyle handshake once (`NBD_OPT_GO` with
+//! `NBD_INFO_BLOCK_SIZE`) to learn the export's size, flags and block sizes. Each reactor's
+//! [`LeafChannel`] then opens its own connection(s): non-blocking sockets, requests encoded into
+//! preallocated per-slot headers (cookie = slot index), write payloads sent straight from the
+//! bio's buffer with `writev`, read payloads received straight into it. Simple replies only
+//! (structured replies are not negotiated).
+//!
+//! Errors: an error reply is a target error (`EIO` -> `IoError`, `ENOSPC` -> `NoSpace`,
+//! `EINVAL`/`EPERM` -> `Invalid`, `ENOTSUP` -> `NotSupported`). A lost connection (EOF, reset,
+//! protocol violation) fails every bio in flight on it with `PathError`, a request older than the
+//! timeout with `Timeout`; the connection then reconnects from `poll`/`submit` with exponential
+//! backoff (10 ms .. 2 s). While no connection is up, new bios fail at once with `PathError`.
+
+use stackbd_core::leaf::WaitHint;
+use stackbd_core::{
+    BioFlags, BioId, DataBuf, Leaf, LeafChannel, LeafCx, Limits, Op, Sector, Status, SECTOR_SIZE,
+};
+use stackbd_nbd::{
+    encode_export_name, encode_export_request, ClientFlags, CmdFlags, Command, Errno,
+    ExportNameReply, HandshakeFlags, Info, InfoType, Opt, OptionReply, OptionReplyHeader, RepError,
+    ReplyHeader, Request, ServerGreeting, TransmissionFlags,
+};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest I/O sent in one request (the leaf's `max_sectors` is capped to this).
+pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
+/// Largest trim / write-zeroes sent in one request (fits the 32-bit length field).
+const MAX_ZERO_SECTORS: u32 = (1 << 31) / SECTOR_SIZE as u32;
+const DEFAULT_PORT: u16 = 10809;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A reconnect from the data path may block the reactor this long at most.
+const RECONNECT_BUDGET: Duration = Duration::from_millis(200);
+/// Receive staging buffer per connection.
+const RX_BYTES: usize = 64 * 1024;
+/// At most this many iovecs per `writev`.
+const MAX_IOV: usize = 64;
+/// Cookie bit of the flush sent ahead of a `PREFLUSH` write.
+const PREFLUSH_COOKIE: u64 = 1 << 32;
+
+/// Options of an NBD leaf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdOptions {
+    /// Connections per channel (per reactor); 1 unless the server allows `CAN_MULTI_CONN`.
+    pub connections: u32,
+    /// A request older than this fails its connection with `Timeout`; also bounds the handshake.
+    pub timeout: Duration,
+    /// Requests in flight per connection; more wait in the channel's backlog.
+    pub queue_depth: u32,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            queue_depth: 64,
+        }
+    }
+}
+
+/// Where the server is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// `host:port`, resolved at each connect.
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// A parsed `nbd://` or `nbd+unix://` URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdUri {
+    pub addr: NbdAddr,
+    pub export: String,
+}
+
+fn invalid_input(msg: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
+}
+
+fn protocol(msg: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("NBD: {msg}"))
+}
+
+impl NbdUri {
+    /// `nbd://host[:port][/export]` or `nbd+unix:///[export]?socket=PATH`.
+    pub fn parse(uri: &str) -> io::Result<NbdUri> {
+        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            if !path.is_empty() && !path.starts_with('/') {
+                return Err(invalid_input(format!(
+                    "{uri}: nbd+unix URIs take no host (nbd+unix:///export?socket=PATH)"
+                )));
+            }
+            let export = path.strip_prefix('/').unwrap_or(path).to_string();
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| invalid_input(format!("{uri}: missing ?socket=PATH")))?;
+            return Ok(NbdUri {
+                addr: NbdAddr::Unix(PathBuf::from(socket)),
+                export,
+            });
+        }
+        let Some(rest) = uri.strip_prefix("nbd://") else {
+            return Err(invalid_input(format!(
+                "{uri}: not an NBD URI (nbd://host[:port]/export or nbd+unix:///export?socket=PATH)"
+            )));
+        };
+        let (auth, export) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        if auth.is_empty() {
+            return Err(invalid_input(format!("{uri}: missing host")));
+        }
+        // `[v6]:port`, `[v6]`, `host:port`, `host`.
+        let has_port = match auth.rfind(':') {
+            Some(i) => {
+                !auth[i..].contains(']') && (auth.starts_with('[') || !auth[..i].contains(':'))
+            }
+            None => false,
+        };
+        let hostport = if has_port {
+            auth.to_string()
+        } else {
+            format!("{auth}:{DEFAULT_PORT}")
+        };
+        Ok(NbdUri {
+            addr: NbdAddr::Tcp(hostport),
+            export: export.to_string(),
+        })
+    }
+}
+
+/// What the handshake learnt about the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub flags: TransmissionFlags,
+    /// Minimum, preferred, maximum block sizes (defaults 1, 4096, 32 MiB if not sent).
+    pub min_block: u32,
+    pub preferred_block: u32,
+    pub max_block: u32,
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn connect(addr: &NbdAddr, timeout: Duration) -> io::Result<Stream> {
+        match addr {
+            NbdAddr::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+            NbdAddr::Tcp(hp) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                for a in hp.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(nb),
+            Stream::Unix(s) => s.set_nonblocking(nb),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.read_exact(buf),
+            Stream::Unix(s) => s.read_exact(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.write_all(buf),
+            Stream::Unix(s) => s.write_all(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// Connects and negotiates; returns a non-blocking stream in the transmission phase.
+fn open(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInfo)> {
+    let mut s = Stream::connect(&uri.addr, timeout)?;
+    s.set_timeouts(Some(timeout))?;
+    let info = handshake(&mut s, &uri.export)?;
+    s.set_timeouts(None)?;
+    s.set_nonblocking(true)?;
+    Ok((s, info))
+}
+
+fn read_vec(s: &mut Stream, n: usize) -> io::Result<Vec<u8>> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v)?;
+    Ok(v)
+}
+
+fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> {
+    let g = read_vec(s, ServerGreeting::SIZE)?;
+    let (greeting, _) = ServerGreeting::decode(&g)
+        .map_err(protocol)?
+        .ok_or_else(|| protocol("short greeting"))?;
+    if !greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
+        return Err(protocol("server does not speak fixed newstyle"));
+    }
+    let cflags = ClientFlags::for_greeting(&greeting);
+    let no_zeroes = cflags.contains(ClientFlags::NO_ZEROES);
+    let mut out = Vec::with_capacity(64 + export.len());
+    cflags.encode(&mut out);
+    encode_export_request(&mut out, Opt::Go, export, &[InfoType::BlockSize]).map_err(protocol)?;
+    s.write_all(&out)?;
+    let mut export_info: Option<(u64, TransmissionFlags)> = None;
+    let mut block = None;
+    loop {
+        let h = read_vec(s, OptionReplyHeader::SIZE)?;
+        let (hdr, _) = OptionReplyHeader::decode(&h, 64 * 1024)
+            .map_err(protocol)?
+            .ok_or_else(|| protocol("short option reply"))?;
+        let data = read_vec(s, hdr.length as usize)?;
+        match OptionReply::parse(&hdr, &data).map_err(protocol)? {
+            OptionReply::Info(Info::Export { size, flags }) => export_info = Some((size, flags)),
+            OptionReply::Info(Info::BlockSize(bs)) => block = Some(bs),
+            OptionReply::Info(_) | OptionReply::Unknown { .. } => {}
+            OptionReply::Ack => break,
+            OptionReply::Error {
+                error: RepError::Unsup,
+                ..
+            } => {
+                // An old server without `GO`: `EXPORT_NAME` cannot fail softly, but works.
+                out.clear();
+                encode_export_name(&mut out, export).map_err(protocol)?;
+                s.write_all(&out)?;
+                let r = read_vec(s, ExportNameReply::wire_len(no_zeroes))?;
+                let (reply, _) = ExportNameReply::decode(&r, no_zeroes)
+                    .map_err(protocol)?
+                    .ok_or_else(|| protocol("short export reply"))?;
+                export_info = Some((reply.size, reply.flags));
+                break;
+            }
+            OptionReply::Error { error, message } => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!(
+                        "NBD server refused export '{export}': {error:?} {}",
+                        String::from_utf8_lossy(message)
+                    ),
+                ));
+            }
+            other => return Err(protocol(format!("unexpected reply to GO: {other:?}"))),
+        }
+    }
+    let (size, flags) = export_info.ok_or_else(|| protocol("no export information"))?;
+    let (min_block, preferred_block, max_block) = match block {
+        Some(bs) => (bs.min.max(1), bs.preferred.max(1), bs.max.max(1)),
+        None => (1, 4096, MAX_REQUEST_BYTES),
+    };
+    Ok(ExportInfo {
+        size,
+        flags,
+        min_block,
+        preferred_block,
+        max_block,
+    })
+}
+
+#[derive(Debug)]
+struct Shared {
+    text: String,
+    uri: NbdUri,
+    opts: NbdOptions,
+    info: ExportInfo,
+    /// Connections per channel, after the server's `CAN_MULTI_CONN`.
+    conns: u32,
+}
+
+/// A leaf on an NBD export.
+#[derive(Debug, Clone)]
+pub struct NbdLeaf {
+    sh: Arc<Shared>,
+}
+
+impl NbdLeaf {
+    /// Connects once to learn the export; each channel then opens its own connections.
+    pub fn connect(uri: &str, opts: NbdOptions) -> io::Result<NbdLeaf> {
+        let parsed = NbdUri::parse(uri)?;
+        if opts.timeout.is_zero() {
+            return Err(invalid_input("timeout must be > 0"));
+        }
+        let (mut s, info) = open(&parsed, opts.timeout)
+            .map_err(|e| io::Error::new(e.kind(), format!("{uri}: {e}")))?;
+        disconnect(&mut s);
+        let multi = info.flags.contains(TransmissionFlags::CAN_MULTI_CONN);
+        let conns = if multi {
+            opts.connections.clamp(1, 64)
+        } else {
+            1
+        };
+        Ok(NbdLeaf {
+            sh: Arc::new(Shared {
+                text: uri.to_string(),
+                uri: parsed,
+                opts,
+                info,
+                conns,
+            }),
+        })
+    }
+
+    pub fn export_info(&self) -> ExportInfo {
+        self.sh.info
+    }
+
+    /// Connections each channel opens.
+    pub fn connections(&self) -> u32 {
+        self.sh.conns
+    }
+}
+
+/// Polite goodbye (`NBD_CMD_DISC`), best effort.
+fn disconnect(s: &mut Stream) {
+    let req = Request {
+        flags: CmdFlags::empty(),
+        command: Command::Disc,
+        cookie: 0,
+        offset: 0,
+        length: 0,
+    };
+    let _ = s.set_nonblocking(true);
+    let _ = s.write_vectored(&[IoSlice::new(&req.to_bytes())]);
+}
+
+impl Leaf for NbdLeaf {
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn size(&self) -> Sector {
+        self.sh.info.size / SECTOR_SIZE as u64
+    }
+
+    fn limits(&self) -> Limits {
+        let i = &self.sh.info;
+        let lbs = i.min_block.max(SECTOR_SIZE as u32).next_power_of_two();
+        let pbs = i.preferred_block.max(lbs).next_power_of_two();
+        let max = i.max_block.min(MAX_REQUEST_BYTES) / lbs * lbs;
+        let f = i.flags;
+        let ro = f.contains(TransmissionFlags::READ_ONLY);
+        Limits {
+            logical_block_bytes: lbs,
+            physical_block_bytes: pbs,
+            io_min_bytes: pbs,
+            io_opt_bytes: pbs,
+            max_sectors: (max / SECTOR_SIZE as u32).max(lbs / SECTOR_SIZE as u32),
+            max_discard_sectors: if f.contains(TransmissionFlags::SEND_TRIM) && !ro {
+                MAX_ZERO_SECTORS
+            } else {
+                0
+            },
+            max_write_zeroes_sectors: if f.contains(TransmissionFlags::SEND_WRITE_ZEROES) && !ro {
+                MAX_ZERO_SECTORS
+            } else {
+                0
+            },
+            max_copy_sectors: 0,
+            copy_native: false,
+            poll: false,
+            nowait: true,
+            ..Limits::TOP
+        }
+    }
+
+    fn args(&self) -> String {
+        self.sh.text.clone()
+    }
+
+    fn channel(&self) -> Box<dyn LeafChannel> {
+        Box::new(NbdChannel::new(self.sh.clone()))
+    }
+}
+
+/// One request in flight (or waiting to be sent).
+struct Slot {
+    bio: BioId,
+    busy: bool,
+    /// A flush header (PREFLUSH) then the request header.
+    hdr: [u8; 2 * Request::SIZE],
+    hlen: u8,
+    /// Write payload to send after the header (empty otherwise).
+    wdata: DataBuf,
+    /// Read destination (empty otherwise).
+    rdata: DataBuf,
+    /// Bytes of header + payload sent.
+    sent: usize,
+    /// Replies still owed (2 with a preflush).
+    owed: u8,
+    status: Status,
+    started: Instant,
+}
+
+impl Slot {
+    fn total(&self) -> usize {
+        self.hlen as usize + self.wdata.len()
+    }
+}
+
+fn data_bytes(d: &DataBuf) -> &[u8] {
+    if d.is_empty() {
+        return &[];
+    }
+    // SAFETY: a bio's DataBuf is valid for `len` bytes until the bio completes, and nobody else
+    // touches it meanwhile (the DataBuf contract); the slice lives no longer than this send.
+    unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) }
+}
+
+/// Receives into `d[off..]` straight from the socket.
+fn read_into(stream: &mut Stream, d: &DataBuf, off: usize) -> io::Result<usize> {
+    assert!(off < d.len());
+    // SAFETY: as in `data_bytes`; this is the only live view of the range while we receive into
+    // it (the bio belongs to this channel until it completes), and it ends with this call.
+    let dst = unsafe { std::slice::from_raw_parts_mut(d.as_ptr().add(off), d.len() - off) };
+    stream.read(dst)
+}
+
+enum ConnState {
+    Up(Stream),
+    Down { next_attempt: Instant },
+}
+
+struct Conn {
+    state: ConnState,
+    backoff: Duration,
+    /// First slot index owned by this connection.
+    base: u32,
+    free: Vec<u32>,
+    sendq: VecDeque<u32>,
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    /// A read reply whose data is arriving: (slot, bytes received).
+    cur: Option<(u32, usize)>,
+    /// Set by `prepare_wait` when a send failed (no completion context there).
+    broken: bool,
+}
+
+impl Conn {
+    fn up(&self) -> bool {
+        matches!(self.state, ConnState::Up(_))
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        match &self.state {
+            ConnState::Up(s) => Some(s.fd()),
+            ConnState::Down { .. } => None,
+        }
+    }
+
+    fn inflight(&self, depth: u32) -> u32 {
+        depth - self.free.len() as u32
+    }
+
+    /// Writes queued output. Ok(true) when all of it went out.
+    fn flush_out(&mut self, slots: &mut [Slot]) -> io::Result<bool> {
+        let ConnState::Up(stream) = &mut self.state else {
+            return Ok(true);
+        };
+        while !self.sendq.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for &i in self.sendq.iter() {
+                if n + 2 > MAX_IOV {
+                    break;
+                }
+                let s = &slots[i as usize];
+                let h = s.hlen as usize;
+                if s.sent < h {
+                    iov[n] = IoSlice::new(&s.hdr[s.sent..h]);
+                    n += 1;
+                }
+                let d = data_bytes(&s.wdata);
+                let off = s.sent.saturating_sub(h);
+                if off < d.len() {
+                    iov[n] = IoSlice::new(&d[off..]);
+                    n += 1;
+                }
+            }
+            let mut w = match stream.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while w > 0 {
+                let i = *self.sendq.front().expect("wrote more than queued") as usize;
+                let s = &mut slots[i];
+                let rem = s.total() - s.sent;
+                if w >= rem {
+                    s.sent = s.total();
+                    w -= rem;
+                    self.sendq.pop_front();
+                } else {
+                    s.sent += w;
+                    w = 0;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Why a connection failed.
+enum Fail {
+    Path,
+    Timeout,
+}
+
+fn errno_status(e: Errno) -> Status {
+    match e.for_client() {
+        Errno::Eio | Errno::Enomem => Status::IoError,
+        Errno::Enospc => Status::NoSpace,
+        Errno::Einval | Errno::Eperm | Errno::Eoverflow | Errno::Other(_) => Status::Invalid,
+        Errno::Enotsup => Status::NotSupported,
+        // The server is going away: a transport problem, not the data's.
+        Errno::Eshutdown => Status::PathError,
+    }
+}
+
+struct NbdChannel {
+    sh: Arc<Shared>,
+    depth: u32,
+    slots: Vec<Slot>,
+    conns: Vec<Conn>,
+    backlog: VecDeque<BioId>,
+    /// Round-robin cursor over connections.
+    next_conn: usize,
+    /// One epoll set over all connections when there are several.
+    epoll: Option<OwnedFd>,
+    next_timeout_check: Instant,
+    completed: usize,
+}
+
+impl NbdChannel {
+    fn new(sh: Arc<Shared>) -> NbdChannel {
+        let depth = sh.opts.queue_depth.clamp(1, 4096);
+        let n = sh.conns;
+        let now = Instant::now();
+        let slots = (0..depth * n)
+            .map(|_| Slot {
+                bio: BioId(0),
+                busy: false,
+                hdr: [0; 2 * Request::SIZE],
+                hlen: 0,
+                wdata: DataBuf::EMPTY,
+                rdata: DataBuf::EMPTY,
+                sent: 0,
+                owed: 0,
+                status: Status::Ok,
+                started: now,
+            })
+            .collect();
+        let conns = (0..n)
+            .map(|c| Conn {
+                state: ConnState::Down { next_attempt: now },
+                backoff: BACKOFF_MIN,
+                base: c * depth,
+                free: (c * depth..(c + 1) * depth).rev().collect(),
+                sendq: VecDeque::with_capacity(depth as usize),
+                rx: vec![0u8; RX_BYTES].into_boxed_slice(),
+                rx_start: 0,
+                rx_end: 0,
+                cur: None,
+                broken: false,
+            })
+            .collect();
+        let epoll = if n > 1 {
+            // SAFETY: plain syscall; a non-negative result is a new fd we own.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        } else {
+            None
+        };
+        let mut ch = NbdChannel {
+            depth,
+            slots,
+            conns,
+            backlog: VecDeque::with_capacity(4 * (depth * n) as usize),
+            next_conn: 0,
+            epoll,
+            next_timeout_check: now,
+            completed: 0,
+            sh,
+        };
+        // First connections at creation (setup time); failures retry from the data path.
+        for c in 0..ch.conns.len() {
+            ch.try_connect(c, ch.sh.opts.timeout);
+        }
+        ch
+    }
+
+    fn try_connect(&mut self, c: usize, budget: Duration) {
+        let res = open(&self.sh.uri, budget).and_then(|(s, info)| {
+            if info.size != self.sh.info.size {
+                return Err(protocol(format!(
+                    "export size changed from {} to {}",
+                    self.sh.info.size, info.size
+                )));
+            }
+            Ok(s)
+        });
+        let conn = &mut self.conns[c];
+        match res {
+            Ok(s) => {
+                if let Some(ep) = &self.epoll {
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: c as u64,
+                    };
+                    // SAFETY: both fds are open; `ev` is a valid epoll_event for the call.
+                    unsafe {
+                        libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, s.fd(), &mut ev)
+                    };
+                }
+                conn.state = ConnState::Up(s);
+                conn.backoff = BACKOFF_MIN;
+                conn.broken = false;
+                conn.rx_start = 0;
+                conn.rx_end = 0;
+                conn.cur = None;
+            }
+            Err(_) => {
+                conn.state = ConnState::Down {
+                    next_attempt: Instant::now() + conn.backoff,
+                };
+                conn.backoff = (conn.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    /// Reconnects connections whose backoff has passed.
+    fn reconnect_due(&mut self, now: Instant) {
+        for c in 0..self.conns.len() {
+            if let ConnState::Down { next_attempt } = self.conns[c].state {
+                if now >= next_attempt {
+                    self.try_connect(c, RECONNECT_BUDGET.min(self.sh.opts.timeout));
+                }
+            }
+        }
+    }
+
+    /// Fails a connection: every bio in flight on it completes with a path error.
+    fn fail_conn(&mut self, cx: &mut LeafCx<'_>, c: usize, why: Fail, now: Instant) {
+        let timeout = self.sh.opts.timeout;
+        let conn = &mut self.conns[c];
+        if let ConnState::Up(s) = &conn.state {
+            if let Some(ep) = &self.epoll {
+                // SAFETY: both fds are open; a null event is allowed for DEL.
+                unsafe {
+                    libc::epoll_ctl(
+                        ep.as_raw_fd(),
+                        libc::EPOLL_CTL_DEL,
+                        s.fd(),
+                        std::ptr::null_mut(),
+                    )
+                };
+            }
+        }
+        conn.state = ConnState::Down {
+            next_attempt: now + conn.backoff,
+        };
+        conn.backoff = (conn.backoff * 2).min(BACKOFF_MAX);
+        conn.sendq.clear();
+        conn.cur = None;
+        conn.broken = false;
+        conn.rx_start = 0;
+        conn.rx_end = 0;
+        for i in conn.base..conn.base + self.depth {
+            let s = &mut self.slots[i as usize];
+            if !s.busy {
+                continue;
+            }
+            let st = match why {
+                Fail::Timeout if now.duration_since(s.started) >= timeout => Status::Timeout,
+                _ => Status::PathError,
+            };
+            s.busy = false;
+            s.wdata = DataBuf::EMPTY;
+            s.rdata = DataBuf::EMPTY;
+            cx.complete(s.bio, st);
+            self.completed += 1;
+            conn.free.push(i);
+        }
+        if !self.conns.iter().any(Conn::up) {
+            while let Some(id) = self.backlog.pop_front() {
+                cx.complete(id, Status::PathError);
+                self.completed += 1;
+            }
+        }
+    }
+
+    /// Picks a connected connection with a free slot; `Err(true)` if some are up but full.
+    fn pick(&mut self) -> Result<usize, bool> {
+        let n = self.conns.len();
+        let mut any_up = false;
+        for k in 0..n {
+            let c = (self.next_conn + k) % n;
+            let conn = &self.conns[c];
+            if conn.up() && !conn.broken {
+                any_up = true;
+                if !conn.free.is_empty() {
+                    self.next_conn = (c + 1) % n;
+                    return Ok(c);
+                }
+            }
+        }
+        Err(any_up)
+    }
+
+    /// Bios that need no request. Returns the status if `id` is done without one.
+    fn immediate(&self, cx: &mut LeafCx<'_>, id: BioId) -> Option<Status> {
+        let f = self.sh.info.flags;
+        match cx.bio(id).op {
+            Op::Copy => Some(Status::NotSupported),
+            Op::Flush if !f.contains(TransmissionFlags::SEND_FLUSH) => Some(Status::Ok),
+            Op::Discard if !f.contains(TransmissionFlags::SEND_TRIM) => Some(Status::NotSupported),
+            Op::WriteZeroes if !f.contains(TransmissionFlags::SEND_WRITE_ZEROES) => {
+                Some(Status::NotSupported)
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts `id` on connection `c` (which has a free slot).
+    fn start(&mut self, cx: &mut LeafCx<'_>, id: BioId, c: usize, now: Instant) {
+        let f = self.sh.info.flags;
+        let conn = &mut self.conns[c];
+        let i = conn.free.pop().expect("picked a full connection");
+        let bio = cx.bio(id);
+        let mut flags = CmdFlags::empty();
+        let (command, length) = match bio.op {
+            Op::Read => (Command::Read, bio.bytes() as u32),
+            Op::Write => (Command::Write, bio.bytes() as u32),
+            Op::Flush => (Command::Flush, 0),
+            Op::Discard => (Command::Trim, bio.bytes() as u32),
+            Op::WriteZeroes => {
+                if bio.flags.contains(BioFlags::NO_HOLE) {
+                    flags = flags.union(CmdFlags::NO_HOLE);
+                }
+                (Command::WriteZeroes, bio.bytes() as u32)
+            }
+            Op::Copy => unreachable!("copy is refused before start"),
+        };
+        if bio.op.is_write()
+            && bio.flags.contains(BioFlags::FUA)
+            && f.contains(TransmissionFlags::SEND_FUA)
+        {
+            flags = flags.union(CmdFlags::FUA);
+        }
+        let preflush = bio.op.is_write()
+            && bio.flags.contains(BioFlags::PREFLUSH)
+            && f.contains(TransmissionFlags::SEND_FLUSH);
+        let s = &mut self.slots[i as usize];
+        let mut h = 0;
+        if preflush {
+            // Earlier writes completed before this bio was submitted, so a flush sent with it
+            // covers them whatever order the server runs the two in.
+            let fl = Request {
+                flags: CmdFlags::empty(),
+                command: Command::Flush,
+                cookie: PREFLUSH_COOKIE | u64::from(i),
+                offset: 0,
+                length: 0,
+            };
+            s.hdr[..Request::SIZE].copy_from_slice(&fl.to_bytes());
+            h = Request::SIZE;
+        }
+        let req = Request {
+            flags,
+            command,
+            cookie: u64::from(i),
+            offset: bio.sector * SECTOR_SIZE as u64,
+            length,
+        };
+        s.hdr[h..h + Request::SIZE].copy_from_slice(&req.to_bytes());
+        s.hlen = (h + Request::SIZE) as u8;
+        s.bio = id;
+        s.busy = true;
+        s.sent = 0;
+        s.owed = 1 + preflush as u8;
+        s.status = Status::Ok;
+        s.started = now;
+        s.wdata = if bio.op == Op::Write {
+            bio.data
+        } else {
+            DataBuf::EMPTY
+        };
+        s.rdata = if bio.op == Op::Read {
+            bio.data
+        } else {
+            DataBuf::EMPTY
+        };
+        conn.sendq.push_back(i);
+    }
+
+    fn finish(&mut self, cx: &mut LeafCx<'_>, c: usize, i: u32) {
+        let s = &mut self.slots[i as usize];
+        s.busy = false;
+        s.wdata = DataBuf::EMPTY;
+        s.rdata = DataBuf::EMPTY;
+        cx.complete(s.bio, s.status);
+        self.completed += 1;
+        self.conns[c].free.push(i);
+    }
+
+    /// Reads replies on connection `c`. Err on a lost connection or a protocol violation.
+    fn receive(&mut self, cx: &mut LeafCx<'_>, c: usize) -> io::Result<()> {
+        loop {
+            let conn = &mut self.conns[c];
+            let ConnState::Up(stream) = &mut conn.state else {
+                return Ok(());
+            };
+            if let Some((i, got)) = conn.cur {
+                let s = &self.slots[i as usize];
+                let d = s.rdata;
+                let mut got = got;
+                let avail = conn.rx_end - conn.rx_start;
+                if avail > 0 {
+                    let k = avail.min(d.len() - got);
+                    d.write_from(got, &conn.rx[conn.rx_start..conn.rx_start + k]);
+                    conn.rx_start += k;
+                    got += k;
+                }
+                while got < d.len() {
+                    match read_into(stream, &d, got) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            conn.cur = Some((i, got));
+                            return Ok(());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                conn.cur = None;
+                let s = &mut self.slots[i as usize];
+                s.owed -= 1;
+                if s.owed == 0 {
+                    self.finish(cx, c, i);
+                }
+                continue;
+            }
+            // A reply header.
+            let avail = conn.rx_end - conn.rx_start;
+            let hdr = match ReplyHeader::decode(&conn.rx[conn.rx_start..conn.rx_end]) {
+                Ok(Some((ReplyHeader::Simple(r), n))) => {
+                    conn.rx_start += n;
+                    r
+                }
+                Ok(Some((ReplyHeader::Structured(_), _))) => {
+                    return Err(protocol("structured reply without negotiation"))
+                }
+                Err(e) => return Err(protocol(e)),
+                Ok(None) => {
+                    // Need more bytes: compact and read.
+                    if conn.rx_start > 0 {
+                        conn.rx.copy_within(conn.rx_start..conn.rx_end, 0);
+                        conn.rx_start = 0;
+                        conn.rx_end = avail;
+                    }
+                    match stream.read(&mut conn.rx[conn.rx_end..]) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => conn.rx_end += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                    continue;
+                }
+            };
+            if conn.rx_start == conn.rx_end {
+                conn.rx_start = 0;
+                conn.rx_end = 0;
+            }
+            let cookie = hdr.cookie;
+            let i = (cookie & !PREFLUSH_COOKIE) as u32;
+            let companion = cookie & PREFLUSH_COOKIE != 0;
+            if cookie >> 33 != 0
+                || i < conn.base
+                || i >= conn.base + self.depth
+                || !self.slots[i as usize].busy
+            {
+                return Err(protocol(format!("reply to unknown cookie {cookie:#x}")));
+            }
+            let s = &mut self.slots[i as usize];
+            if s.sent < s.total() {
+                return Err(protocol(format!("reply to unsent request {cookie:#x}")));
+            }
+            match hdr.error {
+                Some(e) => s.status.merge(errno_status(e)),
+                None if !companion && !s.rdata.is_empty() => {
+                    conn.cur = Some((i, 0));
+                    continue;
+                }
+                None => {}
+            }
+            s.owed -= 1;
+            if s.owed == 0 {
+                self.finish(cx, c, i);
+            }
+        }
+    }
+
+    /// Starts backlogged bios while slots are free.
+    fn drain_backlog(&mut self, cx: &mut LeafCx<'_>, now: Instant) {
+        while let Some(&id) = self.backlog.front() {
+            match self.pick() {
+                Ok(c) => {
+                    self.backlog.pop_front();
+                    self.start(cx, id, c, now);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self, cx: &mut LeafCx<'_>, now: Instant) {
+        let timeout = self.sh.opts.timeout;
+        self.next_timeout_check = now + (timeout / 4).min(Duration::from_millis(100));
+        for c in 0..self.conns.len() {
+            let conn = &self.conns[c];
+            if !conn.up() || conn.inflight(self.depth) == 0 {
+                continue;
+            }
+            let base = conn.base as usize;
+            let old = self.slots[base..base + self.depth as usize]
+                .iter()
+                .any(|s| s.busy && now.duration_since(s.started) >= timeout);
+            if old {
+                self.fail_conn(cx, c, Fail::Timeout, now);
+            }
+        }
+    }
+}
+
+impl LeafChannel for NbdChannel {
+    fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId) {
+        if let Some(st) = self.immediate(cx, id) {
+            cx.complete(id, st);
+            return;
+        }
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(id);
+            return;
+        }
+        let now = Instant::now();
+        match self.pick() {
+            Ok(c) => self.start(cx, id, c, now),
+            Err(true) => self.backlog.push_back(id),
+            Err(false) => {
+                self.reconnect_due(now);
+                match self.pick() {
+                    Ok(c) => self.start(cx, id, c, now),
+                    Err(true) => self.backlog.push_back(id),
+                    Err(false) => cx.complete(id, Status::PathError),
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, cx: &mut LeafCx<'_>) -> usize {
+        let before = self.completed;
+        let now = Instant::now();
+        for c in 0..self.conns.len() {
+            let conn = &mut self.conns[c];
+            if !conn.up() {
+                continue;
+            }
+            let ok = !conn.broken
+                && conn.flush_out(&mut self.slots).is_ok()
+                && self.receive(cx, c).is_ok();
+            if !ok {
+                self.fail_conn(cx, c, Fail::Path, now);
+            }
+        }
+        if self.conns.iter().any(|c| !c.up()) {
+            self.reconnect_due(now);
+        }
+        if now >= self.next_timeout_check {
+            self.check_timeouts(cx, now);
+        }
+        self.drain_backlog(cx, now);
+        // What the backlog just started goes out now rather than on the next round.
+        for c in 0..self.conns.len() {
+            let conn = &mut self.conns[c];
+            if conn.up() && !conn.sendq.is_empty() && conn.flush_out(&mut self.slots).is_err() {
+                conn.broken = true;
+            }
+        }
+        self.completed - before
+    }
+
+    fn needs_poll(&self) -> bool {
+        true
+    }
+
+    fn prepare_wait(&mut self) -> WaitHint {
+        let mut pending = false;
+        let mut busy = 0;
+        let mut fd = None;
+        for conn in &mut self.conns {
+            if !conn.up() {
+                continue;
+            }
+            match conn.flush_out(&mut self.slots) {
+                Ok(true) => {}
+                Ok(false) => pending = true,
+                Err(_) => conn.broken = true,
+            }
+            if conn.broken {
+                pending = true;
+            }
+            if conn.inflight(self.depth) > 0 {
+                busy += 1;
+                fd = conn.fd();
+            }
+        }
+        if pending || !self.backlog.is_empty() {
+            return WaitHint::Spin;
+        }
+        match (busy, fd, &self.epoll) {
+            (0, _, _) => WaitHint::Idle,
+            (1, Some(fd), _) => WaitHint::Fd(fd),
+            (_, _, Some(ep)) => WaitHint::Fd(ep.as_raw_fd()),
+            _ => WaitHint::Spin,
+        }
+    }
+}
+
+impl Drop for NbdChannel {
+    fn drop(&mut self) {
+        for conn in &mut self.conns {
+            if let ConnState::Up(s) = &mut conn.state {
+                if conn.sendq.is_empty() {
+                    disconnect(s);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_uris() {
+        let u = NbdUri::parse("nbd://localhost:1234/exp").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("localhost:1234".into()));
+        assert_eq!(u.export, "exp");
+        let u = NbdUri::parse("nbd://host").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("host:10809".into()));
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd://[::1]:99/a/b").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("[::1]:99".into()));
+        assert_eq!(u.export, "a/b");
+        let u = NbdUri::parse("nbd://[::1]/").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("[::1]:10809".into()));
+        let u = NbdUri::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/tmp/s.sock".into()));
+        assert_eq!(u.export, "exp");
+        let u = NbdUri::parse("nbd+unix://?socket=/s").unwrap();
+        assert_eq!(u.export, "");
+        assert!(NbdUri::parse("nbd+unix:///exp").is_err());
+        assert!(NbdUri::parse("nbd+unix://host/exp?socket=/s").is_err());
+        assert!(NbdUri::parse("http://x").is_err());
+        assert!(NbdUri::parse("nbd:///x").is_err());
+    }
+
+    #[test]
+    fn errors_map_to_target_statuses() {
+        assert_eq!(errno_status(Errno::Eio), Status::IoError);
+        assert_eq!(errno_status(Errno::Enospc), Status::NoSpace);
+        assert_eq!(errno_status(Errno::Einval), Status::Invalid);
+        assert_eq!(errno_status(Errno::Eperm), Status::Invalid);
+        assert_eq!(errno_status(Errno::Enotsup), Status::NotSupported);
+        assert_eq!(errno_status(Errno::Other(77)), Status::Invalid);
+    }
+}
