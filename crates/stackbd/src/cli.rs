@@ -190,7 +190,8 @@ pub enum Verb {
 
 #[derive(Subcommand, Debug)]
 pub enum LeafCmd {
-    /// Add a leaf: `m0 mem 1GiB`, `n0 null 1GiB`, `f0 file /path/disk.img [--direct]`.
+    /// Add a leaf: `m0 mem 1GiB`, `n0 null 1GiB`, `f0 file /path/disk.img [--direct]`,
+    /// `r0 nbd nbd://host:port/export` (or `nbd+unix:///export?socket=PATH`).
     Add {
         name: String,
         /// mem, null or file.
@@ -522,6 +523,11 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
                         .map_err(|e| format!("cannot make '{arg}' an absolute path: {e}"))?;
                     a["path"] = json!(p.to_string_lossy());
                     a["direct"] = json!(direct);
+                } else if kind == "nbd" {
+                    if *direct {
+                        return Err("--direct applies to file leaves, not nbd".into());
+                    }
+                    a["uri"] = json!(arg);
                 } else {
                     if *direct {
                         return Err(format!("--direct applies to file leaves, not {kind}"));

@@ -55,7 +55,18 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ("message", &["name", "sector", "argv"]),
     ("deps", &["name"]),
     ("wait", &["name", "event_nr", "timeout_s"]),
-    ("leaf_add", &["name", "kind", "size", "path", "direct"]),
+    (
+        "leaf_add",
+        &[
+            "name",
+            "kind",
+            "size",
+            "path",
+            "direct",
+            "uri",
+            "connections",
+        ],
+    ),
     ("leaf_rm", &["name"]),
     ("leaf_ls", &[]),
     ("export_add", &["volume", "name", "read_only"]),
@@ -838,6 +849,19 @@ fn leaf_add(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
                 path,
                 direct: r.flag("direct")?,
                 queue_depth: DEFAULT_QUEUE_DEPTH,
+            }
+        }
+        "nbd" => {
+            r.absent("size", "nbd leaves take their size from the server")?;
+            let uri = r.string("uri")?;
+            stackbd_leaves::nbd_client::NbdUri::parse(uri)
+                .map_err(|e| format!("leaf '{name}': uri: {e}"))?;
+            LeafSpec::Nbd {
+                uri: uri.to_string(),
+                connections: r
+                    .opt_u64("connections")?
+                    .map_or(1, |n| n.clamp(1, 64) as u32),
+                timeout: stackbd_leaves::nbd_client::NbdOptions::default().timeout,
             }
         }
         other => {

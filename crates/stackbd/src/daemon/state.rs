@@ -53,6 +53,7 @@ pub fn render(engine: &Engine, exports: &ExportTable) -> String {
                 };
                 out.push_str(&format!("path = {}\ndirect = {direct}\n", quote(&path)));
             }
+            "nbd" => out.push_str(&format!("uri = {}\n", quote(&args))),
             _ => out.push_str(&format!("size = {}\n", quote(&args))),
         }
     }
