@@ -853,38 +853,52 @@ impl Engine {
     }
 
     /// Runs one I/O to completion on this thread (interrupt-free: the reactor runs inline).
-    pub fn io(&mut self, mut req: Request) -> Status {
+    pub fn io(&mut self, req: Request) -> Status {
+        self.run_io(req, Wait::Interrupt)
+    }
+
+    /// Submits one I/O (waiting for room unless `NOWAIT`) and waits for it as `wait` says.
+    fn run_io(&mut self, mut req: Request, wait: Wait) -> Status {
         let tag = self.next_tag;
         self.next_tag += 1;
         req.user_data = tag;
-        loop {
-            match self.reactor_mut().submit(&req) {
-                Ok(()) => break,
+        let root = loop {
+            match self.reactor_mut().submit_id(&req) {
+                Ok(id) => break id,
                 Err(Status::Again) if !req.flags.contains(BioFlags::NOWAIT) => {
                     self.poll();
                 }
                 Err(s) => return s,
             }
-        }
+        };
         let mut idle: u64 = 0;
         loop {
             if let Some(c) = self.reactor_mut().reap_tag(tag) {
                 return c.status;
             }
-            if self.poll() == 0 {
-                idle += 1;
-                // With only synchronous leaves an idle reactor can never finish the I/O: that
-                // is a lost bio (a bug), or the I/O is held by a volume this thread suspended.
-                let r = self.reactor();
-                if idle > 100_000 && !r.has_async_leaves() {
-                    panic!(
-                        "I/O never completed: nothing left to run ({} bios in use, {} held)",
-                        r.pool().in_use(),
-                        r.stats.held
-                    );
-                }
-                std::hint::spin_loop();
+            if wait == Wait::Polled {
+                self.reactor_mut().poll_touched(root);
+                continue;
             }
+            if self.poll() > 0 {
+                continue;
+            }
+            let r = self.reactor();
+            if r.has_async_leaves() {
+                self.sleep_inline();
+                continue;
+            }
+            // With only synchronous leaves an idle reactor can never finish the I/O: that is a
+            // lost bio (a bug), or the I/O is held by a volume this thread suspended.
+            idle += 1;
+            if idle > 100_000 {
+                panic!(
+                    "I/O never completed: nothing left to run ({} bios in use, {} held)",
+                    r.pool().in_use(),
+                    r.stats.held
+                );
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -927,33 +941,7 @@ impl Engine {
     /// Runs one I/O on an open volume, waiting as the handle says.
     pub fn io_wait(&mut self, h: &VolumeHandle, mut req: Request) -> Status {
         req.dev = h.dev;
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        req.user_data = tag;
-        let root = loop {
-            match self.reactor_mut().submit_id(&req) {
-                Ok(id) => break id,
-                Err(Status::Again) if !req.flags.contains(BioFlags::NOWAIT) => {
-                    self.poll();
-                }
-                Err(s) => return s,
-            }
-        };
-        loop {
-            if let Some(c) = self.reactor_mut().reap_tag(tag) {
-                return c.status;
-            }
-            match h.wait {
-                Wait::Polled => {
-                    self.reactor_mut().poll_touched(root);
-                }
-                Wait::Interrupt => {
-                    if self.poll() == 0 {
-                        self.sleep_inline();
-                    }
-                }
-            }
-        }
+        self.run_io(req, h.wait)
     }
 
     /// Sleeps until an asynchronous leaf of the inline reactor has a completion.
