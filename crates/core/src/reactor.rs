@@ -534,11 +534,20 @@ impl Reactor {
         match self.devs.get(dev.0 as usize) {
             Some(Slot::Leaf(l)) => {
                 let n = sectors.min(l.size.saturating_sub(sector));
-                let mut tmp = Vec::new();
-                l.chan.extents(sector, n, &mut tmp);
-                for e in tmp {
-                    push(out, e);
+                // The leaf appends in place; then its runs merge with their neighbours.
+                let from = out.len();
+                l.chan.extents(sector, n, out);
+                let mut w = from;
+                for r in from..out.len() {
+                    let e = out[r];
+                    if w > start && out[w - 1].flags == e.flags {
+                        out[w - 1].sectors += e.sectors;
+                    } else {
+                        out[w] = e;
+                        w += 1;
+                    }
                 }
+                out.truncate(w);
                 n
             }
             Some(Slot::Volume(v)) if depth < crate::bio::MAX_FRAMES => {

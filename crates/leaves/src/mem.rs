@@ -41,30 +41,46 @@ impl MemLeaf {
 
     /// Whether the page holding byte `off` was written since it was last discarded.
     pub fn page_written(&self, off: u64) -> bool {
-        let p = (off as usize) / PAGE_BYTES;
-        self.shared.written[p / 64].load(Ordering::Relaxed) & (1 << (p % 64)) != 0
+        self.shared.page_written(off)
     }
 
     /// Extents of `[sector, sector + sectors)` as (length in sectors, allocated) runs, by page.
     pub fn extents(&self, sector: Sector, sectors: u64) -> Vec<(u64, bool)> {
-        let mut out: Vec<(u64, bool)> = Vec::new();
-        let (mut s, end) = (sector, sector + sectors);
-        let per_page = (PAGE_BYTES / SECTOR_SIZE) as u64;
-        while s < end {
-            let page_end = ((s / per_page) + 1) * per_page;
-            let n = page_end.min(end) - s;
-            let a = self.page_written(s * SECTOR_SIZE as u64);
-            match out.last_mut() {
-                Some((len, alloc)) if *alloc == a => *len += n,
-                _ => out.push((n, a)),
-            }
-            s += n;
-        }
+        let mut out = Vec::new();
+        self.shared.runs(sector, sectors, |n, a| out.push((n, a)));
         out
     }
 }
 
 impl Shared {
+    fn page_written(&self, off: u64) -> bool {
+        let p = (off as usize) / PAGE_BYTES;
+        self.written[p / 64].load(Ordering::Relaxed) & (1 << (p % 64)) != 0
+    }
+
+    /// Calls `f(sectors, written)` for each run of pages with the same state, merged.
+    fn runs(&self, sector: Sector, sectors: u64, mut f: impl FnMut(u64, bool)) {
+        let (mut s, end) = (sector, sector + sectors);
+        let per_page = (PAGE_BYTES / SECTOR_SIZE) as u64;
+        let mut run: Option<(u64, bool)> = None;
+        while s < end {
+            let n = (((s / per_page) + 1) * per_page).min(end) - s;
+            let a = self.page_written(s * SECTOR_SIZE as u64);
+            run = match run {
+                Some((len, ra)) if ra == a => Some((len + n, a)),
+                Some((len, ra)) => {
+                    f(len, ra);
+                    Some((n, a))
+                }
+                None => Some((n, a)),
+            };
+            s += n;
+        }
+        if let Some((len, a)) = run {
+            f(len, a);
+        }
+    }
+
     fn mark(&self, off: usize, n: usize, set: bool) {
         if n == 0 {
             return;
@@ -135,18 +151,15 @@ struct MemChannel {
 
 impl LeafChannel for MemChannel {
     fn extents(&self, sector: Sector, sectors: Sector, out: &mut Vec<Extent>) {
-        let leaf = MemLeaf {
-            shared: self.shared.clone(),
-            size_bytes: 0,
-        };
-        for (n, written) in leaf.extents(sector, sectors) {
+        // Appends without allocating (the caller's vector has room) or cloning the leaf.
+        self.shared.runs(sector, sectors, |n, written| {
             let flags = if written {
                 0
             } else {
                 Extent::HOLE | Extent::ZERO
             };
             out.push(Extent { sectors: n, flags });
-        }
+        });
     }
 
     fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId) {
