@@ -95,6 +95,27 @@ impl DataBuf {
         self.ptr.as_ptr()
     }
 
+    /// The window as bytes, to hand to a syscall (a socket `writev`). Valid while the bio is in
+    /// flight, by the `from_raw` contract.
+    pub fn as_bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the region is valid for `len` bytes until the bio completes and nobody else
+        // touches it meanwhile (the `from_raw` contract); the borrow ends with `&self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The window as mutable bytes, to receive into (a socket `read`).
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_bytes`; the exclusive borrow of this view is the only live one the
+        // holder makes of the range while it lasts.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
     /// Copies `dst.len()` bytes from offset `off` out of the buffer.
     #[inline]
     pub fn read_into(&self, off: usize, dst: &mut [u8]) {
@@ -184,6 +205,19 @@ mod tests {
         // SAFETY: `mem` outlives the buffer.
         let buf = unsafe { DataBuf::from_slice(&mut mem) };
         let _ = buf.slice(4, 8);
+    }
+
+    #[test]
+    fn byte_views_see_the_window() {
+        let mut mem: Vec<u8> = (0..32).collect();
+        // SAFETY: `mem` outlives the views below.
+        let buf = unsafe { DataBuf::from_slice(&mut mem) };
+        assert_eq!(buf.slice(4, 4).as_bytes(), &[4, 5, 6, 7]);
+        buf.slice(8, 2)
+            .as_bytes_mut()
+            .copy_from_slice(&[0xaa, 0xbb]);
+        assert_eq!(&mem[7..11], &[7, 0xaa, 0xbb, 10]);
+        assert!(DataBuf::EMPTY.as_bytes().is_empty());
     }
 
     #[test]

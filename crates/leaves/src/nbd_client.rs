@@ -13,6 +13,7 @@
 //! timeout with `Timeout`; the connection then reconnects from `poll`/`submit` with exponential
 //! backoff (10 ms .. 2 s). While no connection is up, new bios fail at once with `PathError`.
 
+use rustix::event::epoll;
 use stackbd_core::leaf::WaitHint;
 use stackbd_core::{
     BioFlags, BioId, DataBuf, Leaf, LeafChannel, LeafCx, Limits, Op, Sector, Status, SECTOR_SIZE,
@@ -25,7 +26,7 @@ use stackbd_nbd::{
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -232,6 +233,14 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -460,22 +469,10 @@ impl Slot {
     }
 }
 
-fn data_bytes(d: &DataBuf) -> &[u8] {
-    if d.is_empty() {
-        return &[];
-    }
-    // SAFETY: a bio's DataBuf is valid for `len` bytes until the bio completes, and nobody else
-    // touches it meanwhile (the DataBuf contract); the slice lives no longer than this send.
-    unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) }
-}
-
 /// Receives into `d[off..]` straight from the socket.
 fn read_into(stream: &mut Stream, d: &DataBuf, off: usize) -> io::Result<usize> {
     assert!(off < d.len());
-    // SAFETY: as in `data_bytes`; this is the only live view of the range while we receive into
-    // it (the bio belongs to this channel until it completes), and it ends with this call.
-    let dst = unsafe { std::slice::from_raw_parts_mut(d.as_ptr().add(off), d.len() - off) };
-    stream.read(dst)
+    stream.read(d.slice(off, d.len() - off).as_bytes_mut())
 }
 
 enum ConnState {
@@ -533,7 +530,7 @@ impl Conn {
                     iov[n] = IoSlice::new(&s.hdr[s.sent..h]);
                     n += 1;
                 }
-                let d = data_bytes(&s.wdata);
+                let d = s.wdata.as_bytes();
                 let off = s.sent.saturating_sub(h);
                 if off < d.len() {
                     iov[n] = IoSlice::new(&d[off..]);
@@ -630,10 +627,7 @@ impl NbdChannel {
             })
             .collect();
         let epoll = if n > 1 {
-            // SAFETY: plain syscall; a non-negative result is a new fd we own.
-            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-            // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
-            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+            epoll::create(epoll::CreateFlags::CLOEXEC).ok()
         } else {
             None
         };
@@ -669,14 +663,8 @@ impl NbdChannel {
         match res {
             Ok(s) => {
                 if let Some(ep) = &self.epoll {
-                    let mut ev = libc::epoll_event {
-                        events: libc::EPOLLIN as u32,
-                        u64: c as u64,
-                    };
-                    // SAFETY: both fds are open; `ev` is a valid epoll_event for the call.
-                    unsafe {
-                        libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, s.fd(), &mut ev)
-                    };
+                    let data = epoll::EventData::new_u64(c as u64);
+                    let _ = epoll::add(ep, s.borrowed(), data, epoll::EventFlags::IN);
                 }
                 conn.state = ConnState::Up(s);
                 conn.backoff = BACKOFF_MIN;
@@ -711,15 +699,7 @@ impl NbdChannel {
         let conn = &mut self.conns[c];
         if let ConnState::Up(s) = &conn.state {
             if let Some(ep) = &self.epoll {
-                // SAFETY: both fds are open; a null event is allowed for DEL.
-                unsafe {
-                    libc::epoll_ctl(
-                        ep.as_raw_fd(),
-                        libc::EPOLL_CTL_DEL,
-                        s.fd(),
-                        std::ptr::null_mut(),
-                    )
-                };
+                let _ = epoll::delete(ep, s.borrowed());
             }
         }
         conn.state = ConnState::Down {
