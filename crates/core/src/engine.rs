@@ -177,17 +177,20 @@ impl Lookup<'_> {
                 id,
                 size: l.leaf.size(),
                 limits: l.leaf.limits(),
+                leaf: Some(l.leaf.clone()),
             }),
             DevEntry::Volume(v) => Some(match &v.active {
                 Some(t) => DevInfo {
                     id,
                     size: t.size(),
                     limits: *t.limits(),
+                    leaf: None,
                 },
                 None => DevInfo {
                     id,
                     size: 0,
                     limits: Limits::TOP,
+                    leaf: None,
                 },
             }),
         }
@@ -423,6 +426,9 @@ impl Engine {
             });
         }
         self.reactors.each(move |r| r.remove(id));
+        if let Some(t) = &self.volume_mut(id).active {
+            t.entries().iter().for_each(|e| e.target.deactivate());
+        }
         self.devs[id.0 as usize] = DevEntry::Free;
         self.names.remove(name);
         Ok(())
@@ -466,8 +472,21 @@ impl Engine {
                 .each(move |r| r.set_table(id, Some(t2.clone())));
             self.volume_mut(id).active = Some(t);
             self.notify_pools();
+            self.activate(id);
         }
         Ok(id)
+    }
+
+    /// Tells the live table's targets they are live (background work such as path checkers).
+    fn activate(&mut self, id: DevId) {
+        let v = self.volume_mut(id);
+        let env = crate::target::TargetEnv {
+            volume: v.name.clone(),
+            events: v.events.clone(),
+        };
+        if let Some(t) = &v.active {
+            t.entries().iter().for_each(|e| e.target.activate(&env));
+        }
     }
 
     fn build_table(
@@ -554,12 +573,19 @@ impl Engine {
             }
             let v = self.volume_mut(id);
             let t = v.inactive.take();
-            v.active = t.clone();
+            let old = std::mem::replace(&mut v.active, t.clone());
             v.events.raise();
             self.reactors.each(move |r| r.set_table(id, t.clone()));
             self.notify_pools();
+            if let Some(old) = old {
+                old.entries().iter().for_each(|e| e.target.deactivate());
+            }
+            self.activate(id);
         }
         let v = self.volume_mut(id);
+        if let Some(t) = &v.active {
+            t.entries().iter().for_each(|e| e.target.resume());
+        }
         if v.suspended.take().is_some() {
             self.suspended_count -= 1;
         }
@@ -602,6 +628,9 @@ impl Engine {
             self.suspended_count -= 1;
         }
         self.reactors.each(move |r| r.remove(id));
+        if let Some(t) = &self.volume_mut(id).active {
+            t.entries().iter().for_each(|e| e.target.deactivate());
+        }
         self.devs[id.0 as usize] = DevEntry::Free;
         self.names.remove(name);
         self.notify_pools();
@@ -884,7 +913,7 @@ impl Engine {
                 continue;
             }
             let r = self.reactor();
-            if r.has_async_leaves() {
+            if r.has_async_leaves() || r.requeued() > 0 {
                 self.sleep_inline();
                 continue;
             }
@@ -950,12 +979,18 @@ impl Engine {
             return;
         };
         self.wait_fds.clear();
-        if !r.prepare_wait(&mut self.wait_fds) || self.wait_fds.is_empty() {
+        if !r.prepare_wait(&mut self.wait_fds) {
+            return;
+        }
+        let nap = r.next_timer().map_or(crate::runtime::SLEEP_MAX, |t| {
+            t.min(crate::runtime::SLEEP_MAX)
+        });
+        if self.wait_fds.is_empty() && r.next_timer().is_none() {
             return;
         }
         let timeout = rustix::event::Timespec {
             tv_sec: 0,
-            tv_nsec: 100_000_000,
+            tv_nsec: nap.as_nanos() as i64,
         };
         // SAFETY: the fds belong to the inline reactor's leaf channels, alive during the call.
         unsafe {

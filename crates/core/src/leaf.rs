@@ -24,6 +24,14 @@ pub trait Leaf: Send + Sync + fmt::Debug {
     fn sync(&self) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Checks that the device answers, outside the data path, as a path checker does (for a
+    /// remote leaf: connect, handshake, read one block). Blocks for at most about `timeout`;
+    /// never called on a reactor. A leaf whose channels back off after losing their transport
+    /// should take a successful probe as the cue to reconnect at once.
+    fn probe(&self, _timeout: std::time::Duration) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// One reactor's queue to a leaf.

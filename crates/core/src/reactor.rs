@@ -89,6 +89,11 @@ pub struct ReactorStats {
     pub splits: u64,
     /// Bios held by a suspended volume.
     pub held: u64,
+    /// Bios (or requests) a target put back to be mapped again: no usable path, or failover
+    /// after a path error.
+    pub requeued: u64,
+    /// Bios and requests handed to leaves.
+    pub leaf_ios: u64,
     /// Copy bytes done natively by a leaf (the copy travelled down to it).
     pub copy_offloaded_bytes: u64,
     /// Copy bytes copied by the kernel between two file leaves (`copy_file_range`).
@@ -152,8 +157,20 @@ pub struct Reactor {
     submit_q: VecDeque<BioId>,
     complete_q: VecDeque<BioId>,
     done: VecDeque<Completion>,
+    /// Bios a target asked to map again later (no usable path) or at once (failover).
+    requeue: VecDeque<Requeued>,
     copy_bufs: CopyBufs,
     pub stats: ReactorStats,
+}
+
+/// A bio waiting on a volume's requeue list to be mapped again by target `target`.
+#[derive(Clone, Copy, Debug)]
+struct Requeued {
+    id: BioId,
+    vol: DevId,
+    target: u16,
+    /// None: at the next round (failover); else not before this instant.
+    due: Option<std::time::Instant>,
 }
 
 /// Bounce buffers for emulated copies: a bounded set, made on first use and kept, so emulation
@@ -228,6 +245,7 @@ impl Reactor {
             submit_q: VecDeque::with_capacity(cap * 2),
             complete_q: VecDeque::with_capacity(cap * 2),
             done: VecDeque::with_capacity(cap * 2),
+            requeue: VecDeque::with_capacity(cap * 2),
             copy_bufs: CopyBufs {
                 bufs: Vec::new(),
                 free: Vec::new(),
@@ -448,6 +466,9 @@ impl Reactor {
         let mut work = 0;
         loop {
             let mut round = 0;
+            if !self.requeue.is_empty() {
+                round += self.run_requeue();
+            }
             while let Some(id) = self.submit_q.pop_front() {
                 self.run_submit(id);
                 round += 1;
@@ -475,11 +496,79 @@ impl Reactor {
         }
     }
 
+    /// Maps again the requeued bios that are due. Returns how many were.
+    fn run_requeue(&mut self) -> usize {
+        let now = std::time::Instant::now();
+        let mut ran = 0;
+        for _ in 0..self.requeue.len() {
+            let Some(r) = self.requeue.pop_front() else {
+                break;
+            };
+            if r.due.is_some_and(|d| d > now) {
+                self.requeue.push_back(r);
+                continue;
+            }
+            ran += 1;
+            let Reactor {
+                pool,
+                fallback,
+                devs,
+                submit_q,
+                complete_q,
+                requeue,
+                stats,
+                ..
+            } = self;
+            let table = match devs.get(r.vol.0 as usize) {
+                Some(Slot::Volume(v)) => v.table.as_deref(),
+                _ => None,
+            };
+            let Some(table) = table else {
+                pool.get_mut(r.id).status = Status::Shutdown;
+                complete_q.push_back(r.id);
+                continue;
+            };
+            let bio = pool.get_mut(r.id);
+            bio.dev = r.vol;
+            let res = table.entries()[r.target as usize].target.map(
+                bio,
+                &mut MapCx {
+                    vol: r.vol,
+                    target: r.target,
+                    id: r.id,
+                    fallback,
+                },
+            );
+            if finish_map(res, r.id, r.vol, r.target, pool, complete_q, requeue, stats) {
+                submit_q.push_back(r.id);
+            }
+        }
+        ran
+    }
+
+    /// How long the reactor may sleep before a requeued bio is due (None: nothing timed).
+    pub fn next_timer(&self) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        self.requeue
+            .iter()
+            .map(|r| {
+                r.due.map_or(std::time::Duration::ZERO, |d| {
+                    d.saturating_duration_since(now)
+                })
+            })
+            .min()
+    }
+
+    /// Bios waiting on requeue lists (to be mapped again).
+    pub fn requeued(&self) -> usize {
+        self.requeue.len()
+    }
+
     /// Before sleeping: every asynchronous leaf hands the kernel what it still holds, and says
     /// what to wait on. Returns false if the reactor must not sleep (work queued, or a leaf that
     /// completes only by polling has I/O in flight).
     pub fn prepare_wait(&mut self, fds: &mut Vec<std::os::fd::RawFd>) -> bool {
-        let mut may_sleep = self.is_idle();
+        let mut may_sleep = self.is_idle() && !self.requeue.iter().any(|r| r.due.is_none());
         for i in 0..self.pollers.len() {
             if let Some(Slot::Leaf(l)) = self.devs.get_mut(self.pollers[i].0 as usize) {
                 match l.chan.prepare_wait() {
@@ -641,6 +730,7 @@ impl Reactor {
             devs,
             submit_q,
             complete_q,
+            requeue,
             stats,
             copy_bufs,
             ..
@@ -662,6 +752,7 @@ impl Reactor {
                         if bio.op == Op::Copy {
                             stats.copy_offloaded_bytes += bio.bytes() as u64;
                         }
+                        stats.leaf_ios += 1;
                         if l.poll_bit != 0 {
                             let root = bio.root;
                             pool.get_mut(root).touched |= l.poll_bit;
@@ -706,6 +797,7 @@ impl Reactor {
                             fallback,
                             submit_q,
                             complete_q,
+                            requeue,
                             stats,
                             bufs: copy_bufs,
                         };
@@ -714,7 +806,9 @@ impl Reactor {
                         }
                         continue;
                     }
-                    if !map_in_table(table, dev, id, pool, fallback, submit_q, complete_q, stats) {
+                    if !map_in_table(
+                        table, dev, id, pool, fallback, submit_q, complete_q, requeue, stats,
+                    ) {
                         return;
                     }
                 }
@@ -737,6 +831,7 @@ impl Reactor {
             submit_q,
             complete_q,
             done,
+            requeue,
             stats,
             copy_bufs,
             ..
@@ -774,8 +869,22 @@ impl Reactor {
                             id,
                             resubmit: submit_q,
                         };
-                        if t.end_io(bio, &mut cx) == Endio::Keep {
-                            return;
+                        match t.end_io(bio, &mut cx) {
+                            Endio::Done => {}
+                            Endio::Keep => return,
+                            Endio::Requeue => {
+                                // Failover: map again through the same target at once.
+                                bio.dev = h.dev;
+                                bio.status = Status::Ok;
+                                stats.requeued += 1;
+                                requeue.push_back(Requeued {
+                                    id,
+                                    vol: h.dev,
+                                    target,
+                                    due: None,
+                                });
+                                return;
+                            }
                         }
                     }
                     FrameKind::CopyEmu => {
@@ -797,6 +906,7 @@ impl Reactor {
                             fallback,
                             submit_q,
                             complete_q,
+                            requeue,
                             stats,
                             bufs: copy_bufs,
                         };
@@ -872,6 +982,7 @@ fn map_in_table(
     fallback: &mut FrameFallback,
     submit_q: &mut VecDeque<BioId>,
     complete_q: &mut VecDeque<BioId>,
+    requeue: &mut VecDeque<Requeued>,
     stats: &mut ReactorStats,
 ) -> bool {
     let entries = table.entries();
@@ -930,7 +1041,7 @@ fn map_in_table(
                     fallback,
                 },
             );
-            if finish_map(r, c, pool, complete_q) {
+            if finish_map(r, c, vol, ti, pool, complete_q, requeue, stats) {
                 submit_q.push_back(c);
             }
         }
@@ -947,7 +1058,7 @@ fn map_in_table(
                 fallback,
             },
         );
-        return finish_map(r, id, pool, complete_q);
+        return finish_map(r, id, vol, ti, pool, complete_q, requeue, stats);
     }
 
     loop {
@@ -967,7 +1078,7 @@ fn map_in_table(
                     fallback,
                 },
             );
-            return finish_map(r, id, pool, complete_q);
+            return finish_map(r, id, vol, ti as u16, pool, complete_q, requeue, stats);
         }
         // Cut the leading `n` sectors off as a clone pointing into the parent's data.
         let n = avail as u32;
@@ -1018,7 +1129,7 @@ fn map_in_table(
                 fallback,
             },
         );
-        if finish_map(r, c, pool, complete_q) {
+        if finish_map(r, c, vol, ti as u16, pool, complete_q, requeue, stats) {
             submit_q.push_back(c);
         }
     }
@@ -1026,11 +1137,16 @@ fn map_in_table(
 
 /// Applies a map result; true if the bio was remapped and goes on down.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn finish_map(
     r: MapResult,
     id: BioId,
+    vol: DevId,
+    target: u16,
     pool: &mut BioPool,
     complete_q: &mut VecDeque<BioId>,
+    requeue: &mut VecDeque<Requeued>,
+    stats: &mut ReactorStats,
 ) -> bool {
     match r {
         MapResult::Remapped => true,
@@ -1038,6 +1154,16 @@ fn finish_map(
         MapResult::Done(s) => {
             pool.get_mut(id).status = s;
             complete_q.push_back(id);
+            false
+        }
+        MapResult::Requeue => {
+            stats.requeued += 1;
+            requeue.push_back(Requeued {
+                id,
+                vol,
+                target,
+                due: Some(std::time::Instant::now() + crate::target::REQUEUE_DELAY),
+            });
             false
         }
     }
@@ -1050,6 +1176,7 @@ struct CopyCx<'a> {
     fallback: &'a mut FrameFallback,
     submit_q: &'a mut VecDeque<BioId>,
     complete_q: &'a mut VecDeque<BioId>,
+    requeue: &'a mut VecDeque<Requeued>,
     stats: &'a mut ReactorStats,
     bufs: &'a mut CopyBufs,
 }
@@ -1329,7 +1456,16 @@ impl CopyCx<'_> {
                 fallback: self.fallback,
             },
         );
-        if finish_map(r, c, self.pool, self.complete_q) {
+        if finish_map(
+            r,
+            c,
+            vol,
+            ti as u16,
+            self.pool,
+            self.complete_q,
+            self.requeue,
+            self.stats,
+        ) {
             self.submit_q.push_back(c);
         }
     }

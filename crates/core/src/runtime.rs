@@ -353,6 +353,9 @@ impl Drop for ReactorThreads {
     }
 }
 
+/// The longest a reactor sleeps without looking around.
+pub(crate) const SLEEP_MAX: Duration = Duration::from_millis(100);
+
 /// Sleeps in `poll(2)` until one of `fds` is readable (or writable, where asked) or the timeout
 /// passes. `pfds` is scratch space kept by the caller, so a sleep allocates nothing once warm.
 ///
@@ -561,10 +564,14 @@ impl ThreadLoop {
             }
             Err(_) => {}
         }
-        // Bounded: stray states never hang a reactor for long.
+        // Bounded: stray states never hang a reactor for long; requeued bios wake it when due.
+        let nap = self
+            .reactor
+            .next_timer()
+            .map_or(SLEEP_MAX, |t| t.min(SLEEP_MAX));
         let timeout = Timespec {
             tv_sec: 0,
-            tv_nsec: 100_000_000,
+            tv_nsec: nap.as_nanos() as i64,
         };
         let wake = self.shared.wake.as_raw_fd();
         let fds = std::iter::once((wake, false))

@@ -149,6 +149,33 @@ impl Table {
                 target,
             });
         }
+        // A request-based table maps whole requests onto leaves, and cannot be mixed with
+        // bio-based targets (its volume has one request queue in front of every target).
+        if let Some(rq) = entries.iter().position(|e| e.target.request_based()) {
+            for (i, e) in entries.iter().enumerate() {
+                let line = lines[i].lineno;
+                if !e.target.request_based() {
+                    return Err(TableError::new(
+                        line,
+                        "target",
+                        format!(
+                            "'{}' is bio-based but line {} is request-based: a table cannot mix them",
+                            e.target.kind(),
+                            lines[rq].lineno
+                        ),
+                    ));
+                }
+                for d in e.target.devices() {
+                    if lookup.lookup_id(d).is_some_and(|i| i.leaf.is_none()) {
+                        return Err(TableError::new(
+                            line,
+                            "device",
+                            "a request-based target maps onto leaves only, not volumes",
+                        ));
+                    }
+                }
+            }
+        }
         let table = Table::from_entries(entries, &|id| lookup_limits(lookup, id));
         if table.limits.frame_depth > MAX_STACK_FRAMES {
             return Err(TableError::new(
@@ -164,6 +191,13 @@ impl Table {
     }
 
     /// Assembles a table from constructed targets and stacks its limits.
+    /// True if the table's targets map requests (the volume has a request queue).
+    pub fn request_based(&self) -> bool {
+        self.entries
+            .first()
+            .is_some_and(|e| e.target.request_based())
+    }
+
     pub fn from_entries(entries: Vec<TableEntry>, child: &dyn Fn(DevId) -> Limits) -> Table {
         let mut limits = Limits::TOP;
         let mut below = Limits::TOP;

@@ -17,7 +17,14 @@ pub enum MapResult {
     Submitted,
     /// Complete the bio now with this status (the core defers it to the completion queue).
     Done(Status),
+    /// The target cannot map it now (no usable path) and left it unchanged: the core keeps it on
+    /// the volume's requeue list and calls `map` again after `REQUEUE_DELAY` (or sooner, when a
+    /// reactor turn finds the list due). Used by `queue_if_no_path`.
+    Requeue,
 }
+
+/// How long a bio a target asked to requeue waits before `map` is tried again.
+pub const REQUEUE_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// What a target's `end_io` did with a completing bio.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +33,10 @@ pub enum Endio {
     Done,
     /// The target keeps the bio (retry, requeue, failover) and will resubmit it.
     Keep,
+    /// Map this bio again through the same target at once (failover after a path error). The
+    /// target must have put `bio.sector` back to the target-relative sector `map` saw (from its
+    /// frame); the core resets `bio.dev`, the status and the data window.
+    Requeue,
 }
 
 /// What a target may do while mapping: push its frame.
@@ -149,6 +160,34 @@ pub trait Target: Send + Sync + fmt::Debug + 'static {
 
     /// Called before the volume is suspended (`noflush` keeps I/O queued inside the target).
     fn presuspend(&self, _noflush: bool) {}
+
+    /// Called when the volume resumes (after a suspend, with this table live).
+    fn resume(&self) {}
+
+    /// True for a request-based target (multipath with `queue_mode rq`): the volume gets a
+    /// request queue that merges and sorts bios, and the target maps whole requests. Every
+    /// device under a request-based table must be a leaf.
+    fn request_based(&self) -> bool {
+        false
+    }
+
+    /// The table became live on a volume (create, resume with a new table). Targets with
+    /// background work (a path checker) start it here; `env` names the volume and carries its
+    /// event counter, which the target raises on state changes (`dmsetup wait` wakes).
+    fn activate(&self, _env: &TargetEnv) {}
+
+    /// The table stopped being live (replaced by a reload, or the volume removed): stop any
+    /// background work started by `activate`. May be called without `activate`.
+    fn deactivate(&self) {}
+}
+
+/// What a target gets when its table goes live.
+#[derive(Clone, Debug)]
+pub struct TargetEnv {
+    /// The volume's name, for logs.
+    pub volume: String,
+    /// The volume's event counter.
+    pub events: std::sync::Arc<crate::engine::Events>,
 }
 
 /// Answer of [`Target::extent`].
@@ -189,6 +228,9 @@ pub struct DevInfo {
     pub id: DevId,
     pub size: Sector,
     pub limits: Limits,
+    /// The leaf itself when the device is a leaf (None for volumes): a path checker probes it
+    /// with `Leaf::probe`, and request-based targets accept only leaves.
+    pub leaf: Option<std::sync::Arc<dyn crate::leaf::Leaf>>,
 }
 
 /// Resolves device names while a table is built.
