@@ -94,6 +94,12 @@ pub struct ReactorStats {
     pub requeued: u64,
     /// Bios and requests handed to leaves.
     pub leaf_ios: u64,
+    /// Bios that entered a request queue (request-based volumes).
+    pub rq_bios: u64,
+    /// Requests dispatched from request queues to their target.
+    pub rq_requests: u64,
+    /// Bios merged into a request another bio started (back or front merges).
+    pub rq_merges: u64,
     /// Copy bytes done natively by a leaf (the copy travelled down to it).
     pub copy_offloaded_bytes: u64,
     /// Copy bytes copied by the kernel between two file leaves (`copy_file_range`).

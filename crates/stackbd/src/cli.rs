@@ -754,11 +754,15 @@ fn stats_text(r: &Value) -> String {
         "Uptime: {:.1} s\n",
         r.get("uptime_s").and_then(Value::as_f64).unwrap_or(0.0)
     );
-    const COLS: [(&str, &str); 13] = [
+    const COLS: [(&str, &str); 17] = [
         ("submitted", "SUBMITTED"),
         ("completed", "COMPLETED"),
         ("splits", "SPLITS"),
         ("held", "HELD"),
+        ("requeued", "REQUEUED"),
+        ("leaf_ios", "LEAF_IOS"),
+        ("rq_requests", "REQUESTS"),
+        ("rq_merges", "MERGES"),
         ("pool_allocs", "ALLOCS"),
         ("pool_exhausted", "EXHAUSTED"),
         ("pool_grown", "GROWN"),

@@ -933,6 +933,11 @@ fn stats(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
                     "copy_offloaded_bytes": s.copy_offloaded_bytes,
                     "copy_kernel_bytes": s.copy_kernel_bytes,
                     "copy_emulated_bytes": s.copy_emulated_bytes,
+                    "requeued": s.requeued,
+                    "leaf_ios": s.leaf_ios,
+                    "rq_bios": s.rq_bios,
+                    "rq_requests": s.rq_requests,
+                    "rq_merges": s.rq_merges,
                 });
                 if let (Value::Object(o), Value::Object(more)) = (&mut o, more) {
                     o.extend(more);
