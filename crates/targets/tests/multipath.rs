@@ -1354,3 +1354,203 @@ fn zero_heap_allocations_per_io_with_each_selector() {
         assert!(r.ctl[0].ios() > 1000 && r.ctl[1].ios() > 1000, "{sel}");
     }
 }
+
+// ---------------------------------------------------------------- reactor threads
+
+mod threaded {
+    use super::*;
+    use stackbd_core::runtime::{Frontend, FrontendCx, Mode, RuntimeConfig};
+    use stackbd_core::Completion;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    #[derive(Default)]
+    struct Counters {
+        done: AtomicU64,
+        failed: AtomicU64,
+        corrupt: AtomicU64,
+        stop: AtomicBool,
+        finished: AtomicBool,
+    }
+
+    const QD: usize = 8;
+
+    /// Keeps `QD` 4 KiB reads in flight over data that reads 0xab everywhere.
+    struct Reader {
+        vol: DevId,
+        bufs: Vec<Vec<u8>>,
+        busy: Vec<bool>,
+        next: u64,
+        c: Arc<Counters>,
+    }
+
+    impl Frontend for Reader {
+        fn poll(&mut self, cx: &mut FrontendCx<'_>) -> usize {
+            if self.c.stop.load(Relaxed) {
+                return 0;
+            }
+            let mut n = 0;
+            for i in 0..QD {
+                if self.busy[i] {
+                    continue;
+                }
+                self.next = self
+                    .next
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let sector = ((self.next >> 33) % (SECTORS / 8 - 1)) * 8;
+                self.bufs[i].fill(0);
+                // SAFETY: the buffer stays in `self.bufs`, untouched, until its completion.
+                let data = unsafe { DataBuf::from_slice(&mut self.bufs[i]) };
+                if cx
+                    .submit(&Request::new(Op::Read, self.vol, sector, 8, data, i as u64))
+                    .is_ok()
+                {
+                    self.busy[i] = true;
+                    n += 1;
+                }
+            }
+            n
+        }
+
+        fn complete(&mut self, _cx: &mut FrontendCx<'_>, c: Completion) {
+            let i = c.user_data as usize;
+            self.busy[i] = false;
+            if c.status != Status::Ok {
+                self.c.failed.fetch_add(1, Relaxed);
+            } else if !self.bufs[i].iter().all(|&b| b == 0xab) {
+                self.c.corrupt.fetch_add(1, Relaxed);
+            }
+            self.c.done.fetch_add(1, Relaxed);
+        }
+
+        fn finished(&self) -> bool {
+            let f = self.c.stop.load(Relaxed) && !self.busy.iter().any(|&b| b);
+            if f {
+                self.c.finished.store(true, Relaxed);
+            }
+            f
+        }
+    }
+
+    /// Paths go down and come back (one, then both) under load from two reactor threads, with
+    /// the checker reinstating them: with queue_if_no_path nothing fails and nothing is lost.
+    fn flapping_paths(mode: Mode) {
+        let cfg = RuntimeConfig {
+            reactors: 2,
+            mode,
+            ..RuntimeConfig::default()
+        };
+        let mut e = Engine::with_threads(stackbd_targets::registry(), cfg).unwrap();
+        let data = Arc::new(Mutex::new(vec![0xabu8; SECTORS as usize * SECTOR_SIZE]));
+        let ctl: Vec<Arc<Ctl>> = (0..2).map(|_| Arc::new(Ctl::default())).collect();
+        for (i, c) in ctl.iter().enumerate() {
+            e.add_leaf(
+                &format!("p{i}"),
+                Arc::new(PathLeaf {
+                    data: data.clone(),
+                    ctl: c.clone(),
+                    sectors: SECTORS,
+                }),
+            )
+            .unwrap();
+        }
+        let vol = e
+            .create(
+                "thr",
+                Some(&format!(
+                    "0 {SECTORS} multipath 3 queue_if_no_path checker_interval_ms 10 \
+                     0 1 1 queue-length 0 2 1 p0 1 p1 1"
+                )),
+            )
+            .unwrap();
+        let counters: Vec<Arc<Counters>> = (0..2).map(|_| Arc::new(Counters::default())).collect();
+        for (i, c) in counters.iter().enumerate() {
+            let fe = Reader {
+                vol,
+                bufs: (0..QD).map(|_| vec![0u8; 4096]).collect(),
+                busy: vec![false; QD],
+                next: i as u64 + 1,
+                c: c.clone(),
+            };
+            e.threads().unwrap().attach(Box::new(fe), Some(i));
+        }
+        let total = || counters.iter().map(|c| c.done.load(Relaxed)).sum::<u64>();
+        let flow = |n: u64| {
+            let before = total();
+            let start = Instant::now();
+            while total() < before + n {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "I/O stopped flowing"
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        };
+        for round in 0..12 {
+            flow(500);
+            match round % 3 {
+                0 => ctl[0].down(),
+                1 => ctl[1].down(),
+                _ => {
+                    ctl[0].down();
+                    ctl[1].down();
+                }
+            }
+            // Let the paths fail (I/O and checker) and, for a full outage, I/O queue.
+            std::thread::sleep(Duration::from_millis(30));
+            if round % 3 != 2 {
+                flow(500);
+            }
+            ctl[0].up();
+            ctl[1].up();
+            let start = Instant::now();
+            while !e.status("thr").unwrap().contains("p0 A")
+                || !e.status("thr").unwrap().contains("p1 A")
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "paths not reinstated"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        flow(500);
+        for c in &counters {
+            c.stop.store(true, Relaxed);
+        }
+        let start = Instant::now();
+        while !counters.iter().all(|c| c.finished.load(Relaxed)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "frontends did not drain"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let failed: u64 = counters.iter().map(|c| c.failed.load(Relaxed)).sum();
+        let corrupt: u64 = counters.iter().map(|c| c.corrupt.load(Relaxed)).sum();
+        assert_eq!(failed, 0, "no I/O failed");
+        assert_eq!(corrupt, 0, "every read returned the data");
+        let st = e.status("thr").unwrap();
+        // Every path failed at least 8 times (4 single outages + 4 double ones)...
+        for p in ["p0", "p1"] {
+            let w: Vec<&str> = st.split_whitespace().collect();
+            let i = w.iter().position(|&x| x == p).unwrap();
+            assert_eq!(w[i + 1], "A", "{st}");
+            assert!(w[i + 2].parse::<u32>().unwrap() >= 8, "{st}");
+            // ...and nothing is left in flight on it.
+            assert_eq!(w[i + 3], "0", "{st}");
+        }
+        e.remove("thr", true).unwrap();
+        e.stop_threads();
+    }
+
+    #[test]
+    fn flapping_paths_under_load_interrupt_mode() {
+        flapping_paths(Mode::Interrupt);
+    }
+
+    #[test]
+    fn flapping_paths_under_load_poll_mode() {
+        flapping_paths(Mode::Poll);
+    }
+}
