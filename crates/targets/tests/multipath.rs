@@ -1191,6 +1191,41 @@ fn queue_mode_bio_fails_over_between_volumes_and_rq_is_request_based() {
 }
 
 #[test]
+fn rq_mode_merges_bios_into_requests_and_fails_over_whole_requests() {
+    let mut r = Rig::new(2);
+    let vol = r.create(
+        "mrg",
+        &format!("2 {NO_CHECKER} 0 1 1 round-robin 0 2 1 p0 1 p1 1"),
+    );
+    r.ctl[0].down();
+    let before = r.e.reactor().stats;
+    // A burst of 16 contiguous 4 KiB writes, submitted before the reactor runs.
+    let tags: Vec<u64> = (0..16)
+        .map(|i| r.submit_write(vol, i * 8, 0x30 + i as u8))
+        .collect();
+    assert!(r.run_until(Duration::from_secs(2), |d| tags
+        .iter()
+        .all(|t| d.contains_key(t))));
+    assert!(tags.iter().all(|t| r.done[t] == Status::Ok), "{:?}", r.done);
+    let after = r.e.reactor().stats;
+    assert_eq!(after.rq_bios - before.rq_bios, 16);
+    assert!(after.rq_merges - before.rq_merges > 0, "the burst merged");
+    // The merged request that met p0 failed over whole: p0 saw one leaf I/O, p1 the rest.
+    assert_eq!(r.ctl[0].ios(), 1);
+    assert!(
+        r.ctl[1].ios() < 16,
+        "p1 got requests, not 16 bios: {}",
+        r.ctl[1].ios()
+    );
+    assert_eq!(r.status("mrg"), "2 0 0 0 1 1 A 0 2 0 p0 F 1 p1 A 0");
+    for i in 0..16 {
+        let (s, buf) = r.read(vol, i * 8);
+        assert_eq!(s, Status::Ok);
+        assert!(buf.iter().all(|&b| b == 0x30 + i as u8), "sector {}", i * 8);
+    }
+}
+
+#[test]
 fn one_flush_goes_down_one_path_and_fails_over() {
     let mut r = Rig::new(2);
     let vol = r.create(

@@ -36,9 +36,22 @@
 //! `<dev> <A|F> <fail_count> [selector words]`. `queue_io` is 1 while I/O is being queued for
 //! lack of a path; `pg_init_count` is always 0.
 //!
+//! The table prints back in dm's TABLE form (`args`): features in dm's order (then stackbd's
+//! `no_path_retry N` and a non-default `checker_interval_ms`), every path's selector arguments
+//! spelled out, and the current group as `initial_pg`. Unlike dm, historical-service-time paths
+//! print their `repeat_count` (dm prints 0), so the table reloads as it was.
+//!
 //! Data path: `map` and `end_io` take no lock and allocate nothing; path states and selector
 //! counters are atomics. A path error (`PathError`, `Timeout`) fails the path and sends the bio
-//! back to be mapped again (`Endio::Requeue`); any other error is the caller's.
+//! back to be mapped again (`Endio::Requeue`); any other error is the caller's. With no usable
+//! path, I/O is requeued while queueing is on (`MapResult::Requeue`; a `NOWAIT` bio gets
+//! `Again` instead), else fails with `IoError`. A flushing suspend (`presuspend(false)`) turns
+//! queueing off until `resume`, so the volume can drain.
+//!
+//! Path checker: `activate` starts a thread (`mpath-check-<volume>`) that probes every leaf path
+//! each `checker_interval_ms` (`Leaf::probe`, timeout the interval, at most 5 s), fails paths
+//! that do not answer and reinstates those that do (including paths failed by message). Paths
+//! that are volumes (`queue_mode bio`) are not probed: only `reinstate_path` brings them back.
 
 pub mod selector;
 
