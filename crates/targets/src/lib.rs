@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod linear;
+pub mod multipath;
 pub mod striped;
 pub mod zero;
 
@@ -10,6 +11,7 @@ use stackbd_core::TargetRegistry;
 /// Registers every target type this crate provides.
 pub fn register_all(r: &mut TargetRegistry) {
     r.register("linear", linear::Linear::ctor);
+    r.register("multipath", multipath::Multipath::ctor);
     r.register("striped", striped::Striped::ctor);
     r.register("zero", zero::Zero::ctor);
     r.register("error", error::Error::ctor);
