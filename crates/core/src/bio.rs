@@ -93,6 +93,8 @@ pub(crate) enum FrameKind {
     Target { target: u16 },
     /// An emulated copy piece (read into a bounce buffer, then write), parked until done.
     CopyEmu,
+    /// The bottom frame of a request (request-based volumes): its members complete with it.
+    Request,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -341,6 +343,8 @@ pub struct Bio {
     /// On a top-level bio: the asynchronous leaf queues its pieces reached (one bit each), so a
     /// polled wait polls only those.
     pub(crate) touched: u64,
+    /// Next member of the request this bio is merged into (request-based volumes).
+    pub(crate) rq_next: Option<BioId>,
     pub frames: FrameStack,
 }
 
@@ -360,6 +364,7 @@ impl Bio {
             parent: None,
             root: BioId(0),
             touched: 0,
+            rq_next: None,
             frames: FrameStack::new(frame_words),
         }
     }

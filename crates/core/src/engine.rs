@@ -144,6 +144,8 @@ struct VolumeEntry {
     suspended: Option<Option<Instant>>,
     events: Arc<Events>,
     open_count: u32,
+    /// Request queue settings (used while the live table is request-based).
+    queue: crate::rq::QueueOpts,
 }
 
 #[derive(Debug)]
@@ -426,9 +428,6 @@ impl Engine {
             });
         }
         self.reactors.each(move |r| r.remove(id));
-        if let Some(t) = &self.volume_mut(id).active {
-            t.entries().iter().for_each(|e| e.target.deactivate());
-        }
         self.devs[id.0 as usize] = DevEntry::Free;
         self.names.remove(name);
         Ok(())
@@ -464,6 +463,7 @@ impl Engine {
             suspended: None,
             events: Arc::new(Events::default()),
             open_count: 0,
+            queue: crate::rq::QueueOpts::default(),
         });
         if let Some(t) = built {
             let t = Arc::new(t);
@@ -475,6 +475,29 @@ impl Engine {
             self.activate(id);
         }
         Ok(id)
+    }
+
+    /// Sets a volume's request queue (scheduler and `nr_requests`); it applies whenever the
+    /// volume's live table is request-based, and takes effect at once.
+    pub fn set_queue(&mut self, name: &str, opts: crate::rq::QueueOpts) -> Result<(), EngineError> {
+        let (id, _) = self.volume(name)?;
+        if opts.nr_requests == 0 || opts.nr_requests > 4096 {
+            return Err(EngineError::invalid(
+                name,
+                format!(
+                    "nr_requests {} is out of range (1..=4096)",
+                    opts.nr_requests
+                ),
+            ));
+        }
+        self.volume_mut(id).queue = opts;
+        self.reactors.each(move |r| r.set_queue_opts(id, opts));
+        Ok(())
+    }
+
+    /// A volume's request queue settings.
+    pub fn queue(&self, name: &str) -> Result<crate::rq::QueueOpts, EngineError> {
+        Ok(self.volume(name)?.1.queue)
     }
 
     /// Tells the live table's targets they are live (background work such as path checkers).

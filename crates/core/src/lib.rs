@@ -11,6 +11,7 @@ pub mod engine;
 pub mod leaf;
 pub mod limits;
 pub mod reactor;
+pub mod rq;
 pub mod runtime;
 pub mod status;
 pub mod table;
@@ -22,6 +23,7 @@ pub use engine::{CopyReport, Engine, EngineError, SuspendOpts, VolumeHandle, Vol
 pub use leaf::{Leaf, LeafChannel, LeafCx};
 pub use limits::Limits;
 pub use reactor::{Completion, Reactor, ReactorConfig, Request};
+pub use rq::{QueueOpts, Scheduler};
 pub use status::Status;
 pub use table::{Table, TableError};
 pub use target::{

@@ -6,6 +6,7 @@
 use crate::bio::{BioFlags, BioId, BioPool, FrameFallback, FrameKind, Op};
 use crate::buf::DataBuf;
 use crate::leaf::{LeafChannel, LeafCx};
+use crate::rq::{QueueOpts, RequestQueue, RqCtx};
 use crate::status::Status;
 use crate::table::Table;
 use crate::target::{Endio, EndioCx, MapCx, MapResult};
@@ -115,6 +116,9 @@ struct VolState {
     suspended: bool,
     inflight: u64,
     held: VecDeque<BioId>,
+    /// The request queue of a request-based table.
+    rq: Option<RequestQueue>,
+    rq_opts: QueueOpts,
 }
 
 struct LeafState {
@@ -165,6 +169,8 @@ pub struct Reactor {
     done: VecDeque<Completion>,
     /// Bios a target asked to map again later (no usable path) or at once (failover).
     requeue: VecDeque<Requeued>,
+    /// Request-based volumes with requests to dispatch at the end of this round (plugged).
+    unplug: Vec<DevId>,
     copy_bufs: CopyBufs,
     pub stats: ReactorStats,
 }
@@ -252,6 +258,7 @@ impl Reactor {
             complete_q: VecDeque::with_capacity(cap * 2),
             done: VecDeque::with_capacity(cap * 2),
             requeue: VecDeque::with_capacity(cap * 2),
+            unplug: Vec::with_capacity(64),
             copy_bufs: CopyBufs {
                 bufs: Vec::new(),
                 free: Vec::new(),
@@ -331,9 +338,32 @@ impl Reactor {
     /// Installs a volume's table. Only while it has nothing in flight (suspended and drained, or
     /// never used), so no bio ever sees two tables.
     pub fn set_table(&mut self, dev: DevId, table: Option<Arc<Table>>) {
+        let cap = self.pool.capacity() * 2;
         let v = self.vol_mut(dev);
         assert_eq!(v.inflight, 0, "table swap with I/O in flight");
+        v.rq = table
+            .as_deref()
+            .filter(|t| t.request_based())
+            .map(|t| RequestQueue::new(v.rq_opts, t.limits().max_sectors, cap));
         v.table = table;
+    }
+
+    /// Sets a volume's request queue settings (scheduler, depth); they apply to its request
+    /// queue whenever its table is request-based.
+    pub fn set_queue_opts(&mut self, dev: DevId, opts: QueueOpts) {
+        let v = self.vol_mut(dev);
+        v.rq_opts = opts;
+        if let Some(q) = &mut v.rq {
+            q.set_opts(opts);
+        }
+    }
+
+    /// Requests of a request-based volume waiting in its queue, and dispatched and not done.
+    pub fn queued_requests(&self, dev: DevId) -> (usize, u32) {
+        match self.devs.get(dev.0 as usize) {
+            Some(Slot::Volume(VolState { rq: Some(q), .. })) => (q.waiting(), q.inflight),
+            _ => (0, 0),
+        }
     }
 
     /// Holds new I/O for the volume; in-flight I/O goes on and drains.
@@ -479,6 +509,10 @@ impl Reactor {
                 self.run_submit(id);
                 round += 1;
             }
+            // Unplug: the round's bios have all arrived and merged; let requests out.
+            while let Some(vol) = self.unplug.pop() {
+                round += self.dispatch(vol);
+            }
             while let Some(id) = self.complete_q.pop_front() {
                 self.run_complete(id);
                 round += 1;
@@ -496,7 +530,7 @@ impl Reactor {
                 }
             }
             work += round;
-            if self.submit_q.is_empty() && self.complete_q.is_empty() {
+            if self.submit_q.is_empty() && self.complete_q.is_empty() && self.unplug.is_empty() {
                 return work;
             }
         }
@@ -703,7 +737,95 @@ impl Reactor {
 
     /// True when nothing is queued inside the reactor (leaves may still have I/O in flight).
     pub fn is_idle(&self) -> bool {
-        self.submit_q.is_empty() && self.complete_q.is_empty()
+        self.submit_q.is_empty() && self.complete_q.is_empty() && self.unplug.is_empty()
+    }
+
+    /// Dispatches what volume `vol`'s request queue lets out now: each request becomes a bio
+    /// of its own, which the target maps (choosing a path) like any bio. Returns how many.
+    fn dispatch(&mut self, vol: DevId) -> usize {
+        let Reactor {
+            pool,
+            fallback,
+            devs,
+            submit_q,
+            complete_q,
+            requeue,
+            stats,
+            ..
+        } = self;
+        let Some(Slot::Volume(VolState {
+            table: Some(table),
+            rq: Some(q),
+            ..
+        })) = devs.get_mut(vol.0 as usize)
+        else {
+            return 0;
+        };
+        q.plugged = false;
+        let mut n = 0;
+        while let Some(p) = q.next() {
+            n += 1;
+            q.inflight += 1;
+            stats.rq_requests += 1;
+            let (data, buf) = if p.nsegs == 1 {
+                (pool.get(p.head).data, crate::rq::NO_BUF)
+            } else if p.op.has_data() {
+                let (i, w) = q.take_buf(p.sectors);
+                if p.op == Op::Write {
+                    let mut off = 0;
+                    let mut m = Some(p.head);
+                    while let Some(id) = m {
+                        let b = pool.get(id);
+                        b.data.copy_to(0, &w, off, b.data.len());
+                        off += b.data.len();
+                        m = b.rq_next;
+                    }
+                }
+                (w, i)
+            } else {
+                (DataBuf::EMPTY, crate::rq::NO_BUF)
+            };
+            let head = pool.get(p.head);
+            let (user_data, root, map_index) = (head.user_data, head.root, head.map_index);
+            let r = pool.alloc(false).expect("clone allocation never fails");
+            let rb = pool.get_mut(r);
+            rb.op = p.op;
+            rb.flags = p.flags;
+            rb.dev = vol;
+            rb.sector = p.sector;
+            rb.sectors = p.sectors;
+            rb.copy_src = 0;
+            rb.data = data;
+            rb.status = Status::Ok;
+            rb.map_index = map_index;
+            rb.user_data = user_data;
+            rb.parent = None;
+            rb.root = root;
+            rb.touched = 0;
+            rb.rq_next = Some(p.head);
+            let ctx = RqCtx {
+                sector: p.sector,
+                sectors: p.sectors,
+                buf,
+                target: p.target,
+                nsegs: p.nsegs,
+                _pad: [0; 4],
+            };
+            rb.frames.push(FrameKind::Request, vol, &ctx, fallback);
+            let res = table.entries()[p.target as usize].target.map(
+                rb,
+                &mut MapCx {
+                    vol,
+                    target: p.target,
+                    id: r,
+                    fallback,
+                },
+            );
+            if finish_map(res, r, vol, p.target, pool, complete_q, requeue, stats) {
+                submit_q.push_back(r);
+            }
+        }
+        n
     }
 
     /// Takes the next finished top-level I/O.
@@ -737,6 +859,7 @@ impl Reactor {
             submit_q,
             complete_q,
             requeue,
+            unplug,
             stats,
             copy_bufs,
             ..
@@ -812,8 +935,13 @@ impl Reactor {
                         }
                         continue;
                     }
+                    let Some(Slot::Volume(v)) = devs.get_mut(dev.0 as usize) else {
+                        unreachable!()
+                    };
+                    let table = v.table.as_deref().expect("checked above");
+                    let rq = v.rq.as_mut().map(|q| (q, &mut *unplug));
                     if !map_in_table(
-                        table, dev, id, pool, fallback, submit_q, complete_q, requeue, stats,
+                        table, dev, id, pool, fallback, submit_q, complete_q, requeue, stats, rq,
                     ) {
                         return;
                     }
@@ -838,6 +966,7 @@ impl Reactor {
             complete_q,
             done,
             requeue,
+            unplug,
             stats,
             copy_bufs,
             ..
@@ -897,6 +1026,42 @@ impl Reactor {
                         unreachable!(
                             "a parked copy piece completes through its steps, not its queue"
                         )
+                    }
+                    FrameKind::Request => {
+                        // The request is done: its members complete with its status, reads
+                        // copied out of the bounce buffer they shared.
+                        let ctx: RqCtx = bio.frames.ctx_at(h.ctx_off);
+                        bio.frames.pop();
+                        let (status, op) = (bio.status, bio.op);
+                        let mut m = bio.rq_next.take();
+                        pool.free(id, fallback);
+                        let Some(Slot::Volume(VolState { rq: Some(q), .. })) =
+                            devs.get_mut(h.dev.0 as usize)
+                        else {
+                            unreachable!("request of a volume without a request queue")
+                        };
+                        let window = (ctx.buf != crate::rq::NO_BUF)
+                            .then(|| q.buf_window(ctx.buf, ctx.sectors));
+                        let mut off = 0;
+                        while let Some(mid) = m {
+                            let mb = pool.get_mut(mid);
+                            if let (Some(w), Op::Read, true) = (&window, op, status.is_ok()) {
+                                w.copy_to(off, &mb.data, 0, mb.data.len());
+                            }
+                            off += mb.data.len();
+                            mb.status = status;
+                            m = mb.rq_next.take();
+                            complete_q.push_back(mid);
+                        }
+                        if ctx.buf != crate::rq::NO_BUF {
+                            q.put_buf(ctx.buf);
+                        }
+                        q.inflight -= 1;
+                        if !q.plugged && !q.is_empty() {
+                            q.plugged = true;
+                            unplug.push(h.dev);
+                        }
+                        return;
                     }
                 },
                 None => match bio
@@ -990,6 +1155,7 @@ fn map_in_table(
     complete_q: &mut VecDeque<BioId>,
     requeue: &mut VecDeque<Requeued>,
     stats: &mut ReactorStats,
+    mut rq: Option<(&mut RequestQueue, &mut Vec<DevId>)>,
 ) -> bool {
     let entries = table.entries();
     let mut split_off: Option<u32> = None;
@@ -1038,6 +1204,10 @@ fn map_in_table(
             cb.root = root;
             cb.map_index = k;
             cb.parent = Some((id, off));
+            if let Some((q, unplug)) = rq.as_mut() {
+                enqueue(q, unplug, vol, pool, c, ti, stats);
+                continue;
+            }
             let r = entries[ti as usize].target.map(
                 cb,
                 &mut MapCx {
@@ -1055,6 +1225,11 @@ fn map_in_table(
         let b = pool.get_mut(id);
         b.sector = 0;
         b.map_index = k;
+        if let Some((q, unplug)) = rq {
+            enqueue(q, unplug, vol, pool, id, ti, stats);
+            return false;
+        }
+        let b = pool.get_mut(id);
         let r = entries[ti as usize].target.map(
             b,
             &mut MapCx {
@@ -1075,6 +1250,11 @@ fn map_in_table(
         let avail = (e.len - off).min(e.target.max_io_len(off));
         if bio.sectors as Sector <= avail {
             bio.sector = off;
+            if let Some((q, unplug)) = rq {
+                enqueue(q, unplug, vol, pool, id, ti as u16, stats);
+                return false;
+            }
+            let bio = pool.get_mut(id);
             let r = e.target.map(
                 bio,
                 &mut MapCx {
@@ -1125,6 +1305,10 @@ fn map_in_table(
             }
         }
         stats.splits += 1;
+        if let Some((q, unplug)) = rq.as_mut() {
+            enqueue(q, unplug, vol, pool, c, ti as u16, stats);
+            continue;
+        }
         let cb = pool.get_mut(c);
         let r = e.target.map(
             cb,
@@ -1138,6 +1322,27 @@ fn map_in_table(
         if finish_map(r, c, vol, ti as u16, pool, complete_q, requeue, stats) {
             submit_q.push_back(c);
         }
+    }
+}
+
+/// Puts a bio (target-relative, split at target boundaries) on a request queue, and the
+/// volume on the unplug list.
+fn enqueue(
+    q: &mut RequestQueue,
+    unplug: &mut Vec<DevId>,
+    vol: DevId,
+    pool: &mut BioPool,
+    id: BioId,
+    target: u16,
+    stats: &mut ReactorStats,
+) {
+    stats.rq_bios += 1;
+    if q.add(pool, id, target) {
+        stats.rq_merges += 1;
+    }
+    if !q.plugged {
+        q.plugged = true;
+        unplug.push(vol);
     }
 }
 
@@ -1466,7 +1671,7 @@ impl CopyCx<'_> {
             r,
             c,
             vol,
-            ti as u16,
+            ti,
             self.pool,
             self.complete_q,
             self.requeue,
