@@ -40,7 +40,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Ring depth (bios in flight per channel) when the options say 0.
@@ -140,6 +141,9 @@ struct Shared {
     /// Channels use IOPOLL rings: supported and opened O_DIRECT.
     iopoll: bool,
     counters: Counters,
+    /// The answer of a probe read that outlived its probe's timeout (a hung device): the next
+    /// probe waits for it rather than starting another thread that would hang as well.
+    pending_probe: Mutex<Option<mpsc::Receiver<io::Result<usize>>>>,
 }
 
 /// A file or block-device leaf. Cheap to clone (the clones share the open file and counters).
@@ -292,6 +296,7 @@ impl FileLeaf {
                 iopoll_supported,
                 iopoll: iopoll_supported && opts.direct,
                 counters: Counters::default(),
+                pending_probe: Mutex::new(None),
             }),
         })
     }
@@ -506,6 +511,63 @@ impl Leaf for FileLeaf {
 
     fn channel(&self) -> Box<dyn LeafChannel> {
         Box::new(FileChannel::new(self.sh.clone()))
+    }
+
+    /// Reads the first logical block (`pread` on a duplicate of the leaf's descriptor, into an
+    /// aligned buffer under O_DIRECT). A read on a hung device cannot be interrupted, so it runs
+    /// on a helper thread and the probe gives up on it after `timeout`; the next probe then
+    /// waits for that same read instead of starting another.
+    fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let sh = &self.sh;
+        let path = sh.path.display();
+        let mut pending = sh
+            .pending_probe
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let rx = match pending.take() {
+            Some(rx) => rx,
+            None => {
+                let file = sh
+                    .file
+                    .try_clone()
+                    .map_err(|e| format!("probe {path}: {e}"))?;
+                let len = (sh.lbs as u64).min(sh.size_bytes) as usize;
+                let align = sh.mem_align;
+                let (tx, rx) = mpsc::channel();
+                std::thread::Builder::new()
+                    .name("stackbd-probe".into())
+                    .spawn(move || {
+                        let _ = tx.send(read_first_block(&file, len, align));
+                    })
+                    .map_err(|e| format!("probe {path}: cannot start a thread: {e}"))?;
+                rx
+            }
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("read {path}: {e}")),
+            Err(RecvTimeoutError::Timeout) => {
+                *pending = Some(rx);
+                Err(format!("read {path}: no answer within {timeout:?}"))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(format!("read {path}: probe thread died")),
+        }
+    }
+}
+
+/// `pread` of `len` bytes at offset 0 into a buffer aligned to `align`.
+fn read_first_block(file: &File, len: usize, align: usize) -> io::Result<usize> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut buf = AlignedBuf::new(len, align)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "no aligned buffer"))?;
+    loop {
+        match rustix::io::pread(file, buf.bytes_mut(len), 0) {
+            Ok(n) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

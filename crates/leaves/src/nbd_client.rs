@@ -12,6 +12,15 @@
 //! protocol violation) fails every bio in flight on it with `PathError`, a request older than the
 //! timeout with `Timeout`; the connection then reconnects from `poll`/`submit` with exponential
 //! backoff (10 ms .. 2 s). While no connection is up, new bios fail at once with `PathError`.
+//! Connects and handshakes are bounded as a whole by their budget (a unix listener that stopped
+//! accepting included), not per system call.
+//!
+//! [`Leaf::probe`] (a path checker's call, never on a reactor) opens a fresh connection, does the
+//! same handshake, reads one logical block at offset 0 and disconnects, all within its timeout.
+//! A successful probe bumps an epoch in the leaf's shared state; a channel with a connection
+//! down sees it on its next `submit`/`poll` (one relaxed atomic load, only while a connection
+//! is down) and reconnects at once instead of waiting out its backoff, so a path the checker
+//! reinstated does not fail its next bio with `PathError`.
 
 use rustix::event::epoll;
 use stackbd_core::leaf::WaitHint;
@@ -21,7 +30,7 @@ use stackbd_core::{
 use stackbd_nbd::{
     encode_export_name, encode_export_request, ClientFlags, CmdFlags, Command, Errno,
     ExportNameReply, HandshakeFlags, Info, InfoType, Opt, OptionReply, OptionReplyHeader, RepError,
-    ReplyHeader, Request, ServerGreeting, TransmissionFlags,
+    ReplyHeader, Request, ServerGreeting, SimpleReply, TransmissionFlags,
 };
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -29,6 +38,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,13 +172,14 @@ enum Stream {
 }
 
 impl Stream {
-    fn connect(addr: &NbdAddr, timeout: Duration) -> io::Result<Stream> {
+    /// Connects, giving up at `deadline`.
+    fn connect(addr: &NbdAddr, deadline: Instant) -> io::Result<Stream> {
         match addr {
-            NbdAddr::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+            NbdAddr::Unix(p) => connect_unix(p, deadline).map(Stream::Unix),
             NbdAddr::Tcp(hp) => {
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
                 for a in hp.to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&a, timeout) {
+                    match TcpStream::connect_timeout(&a, remaining(deadline)?) {
                         Ok(s) => {
                             let _ = s.set_nodelay(true);
                             return Ok(Stream::Tcp(s));
@@ -208,25 +219,46 @@ impl Stream {
         }
     }
 
-    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.read_exact(buf),
-            Stream::Unix(s) => s.read_exact(buf),
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.write_all(buf),
-            Stream::Unix(s) => s.write_all(buf),
-        }
-    }
-
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
         }
+    }
+
+    /// Blocking `read_exact` that gives up at `deadline` (however the bytes trickle in).
+    fn read_exact_by(&mut self, mut buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.set_timeouts(Some(remaining(deadline)?))?;
+            match self.read(buf) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ))
+                }
+                Ok(n) => buf = &mut buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => return Err(timed_out()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `write_all` that gives up at `deadline`.
+    fn write_all_by(&mut self, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.set_timeouts(Some(remaining(deadline)?))?;
+            match self.write_vectored(&[IoSlice::new(buf)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => return Err(timed_out()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn fd(&self) -> RawFd {
@@ -245,24 +277,76 @@ impl Stream {
     }
 }
 
-/// Connects and negotiates; returns a non-blocking stream in the transmission phase.
+/// Time left until `deadline`; a `TimedOut` error once it has passed.
+fn remaining(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(timed_out())
+    } else {
+        Ok(left)
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "timed out")
+}
+
+/// A blocking socket call that ran into its `SO_RCVTIMEO` / `SO_SNDTIMEO`.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// `UnixStream::connect` bounded by `deadline`: a listener whose accept queue is full (a server
+/// that stopped accepting) makes a blocking connect wait forever, a non-blocking one says
+/// `EAGAIN` and is retried until the deadline. Returns a blocking stream.
+fn connect_unix(path: &std::path::Path, deadline: Instant) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                remaining(deadline)?;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let s = UnixStream::from(fd);
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+/// Connects and negotiates within `timeout`; returns a non-blocking stream in the
+/// transmission phase.
 fn open(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInfo)> {
-    let mut s = Stream::connect(&uri.addr, timeout)?;
-    s.set_timeouts(Some(timeout))?;
-    let info = handshake(&mut s, &uri.export)?;
+    let deadline = Instant::now() + timeout;
+    let mut s = Stream::connect(&uri.addr, deadline)?;
+    let info = handshake(&mut s, &uri.export, deadline)?;
     s.set_timeouts(None)?;
     s.set_nonblocking(true)?;
     Ok((s, info))
 }
 
-fn read_vec(s: &mut Stream, n: usize) -> io::Result<Vec<u8>> {
+fn read_vec(s: &mut Stream, n: usize, deadline: Instant) -> io::Result<Vec<u8>> {
     let mut v = vec![0u8; n];
-    s.read_exact(&mut v)?;
+    s.read_exact_by(&mut v, deadline)?;
     Ok(v)
 }
 
-fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> {
-    let g = read_vec(s, ServerGreeting::SIZE)?;
+/// The fixed-newstyle handshake with `OPT_GO`, on a blocking stream, finished by `deadline`.
+fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::Result<ExportInfo> {
+    let g = read_vec(s, ServerGreeting::SIZE, deadline)?;
     let (greeting, _) = ServerGreeting::decode(&g)
         .map_err(protocol)?
         .ok_or_else(|| protocol("short greeting"))?;
@@ -274,15 +358,15 @@ fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> {
     let mut out = Vec::with_capacity(64 + export.len());
     cflags.encode(&mut out);
     encode_export_request(&mut out, Opt::Go, export, &[InfoType::BlockSize]).map_err(protocol)?;
-    s.write_all(&out)?;
+    s.write_all_by(&out, deadline)?;
     let mut export_info: Option<(u64, TransmissionFlags)> = None;
     let mut block = None;
     loop {
-        let h = read_vec(s, OptionReplyHeader::SIZE)?;
+        let h = read_vec(s, OptionReplyHeader::SIZE, deadline)?;
         let (hdr, _) = OptionReplyHeader::decode(&h, 64 * 1024)
             .map_err(protocol)?
             .ok_or_else(|| protocol("short option reply"))?;
-        let data = read_vec(s, hdr.length as usize)?;
+        let data = read_vec(s, hdr.length as usize, deadline)?;
         match OptionReply::parse(&hdr, &data).map_err(protocol)? {
             OptionReply::Info(Info::Export { size, flags }) => export_info = Some((size, flags)),
             OptionReply::Info(Info::BlockSize(bs)) => block = Some(bs),
@@ -295,8 +379,8 @@ fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> {
                 // An old server without `GO`: `EXPORT_NAME` cannot fail softly, but works.
                 out.clear();
                 encode_export_name(&mut out, export).map_err(protocol)?;
-                s.write_all(&out)?;
-                let r = read_vec(s, ExportNameReply::wire_len(no_zeroes))?;
+                s.write_all_by(&out, deadline)?;
+                let r = read_vec(s, ExportNameReply::wire_len(no_zeroes), deadline)?;
                 let (reply, _) = ExportNameReply::decode(&r, no_zeroes)
                     .map_err(protocol)?
                     .ok_or_else(|| protocol("short export reply"))?;
@@ -337,7 +421,45 @@ struct Shared {
     info: ExportInfo,
     /// Connections per channel, after the server's `CAN_MULTI_CONN`.
     conns: u32,
+    /// Bumped by each successful probe: a channel with a connection down that sees it change
+    /// reconnects at once instead of waiting out its backoff.
+    epoch: AtomicU64,
+    counters: Counters,
 }
+
+/// Counters of an NBD leaf, summed over its channels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NbdStats {
+    /// Data connections opened (at channel creation and on reconnects).
+    pub connects: u64,
+    /// Data connection attempts that failed (each one doubles that connection's backoff).
+    pub connect_failures: u64,
+    /// Data connections lost (EOF, reset, protocol violation, request timeout).
+    pub connection_losses: u64,
+    /// Times a channel cut its reconnect backoff short after a successful probe.
+    pub nudges: u64,
+    /// Probes that succeeded / failed.
+    pub probes_ok: u64,
+    pub probes_failed: u64,
+}
+
+/// Slow-path counters only (connects, losses, probes): nothing here is touched per I/O.
+#[derive(Debug, Default)]
+struct Counters {
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+    connection_losses: AtomicU64,
+    nudges: AtomicU64,
+    probes_ok: AtomicU64,
+    probes_failed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Cookie of the probe's read.
+const PROBE_COOKIE: u64 = 0x0070_726f_6265; // "probe"
 
 /// A leaf on an NBD export.
 #[derive(Debug, Clone)]
@@ -368,8 +490,46 @@ impl NbdLeaf {
                 opts,
                 info,
                 conns,
+                epoch: AtomicU64::new(0),
+                counters: Counters::default(),
             }),
         })
+    }
+
+    pub fn stats(&self) -> NbdStats {
+        let c = &self.sh.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NbdStats {
+            connects: g(&c.connects),
+            connect_failures: g(&c.connect_failures),
+            connection_losses: g(&c.connection_losses),
+            nudges: g(&c.nudges),
+            probes_ok: g(&c.probes_ok),
+            probes_failed: g(&c.probes_failed),
+        }
+    }
+
+    /// One probe: a fresh connection, the handshake, a read of one logical block at offset 0,
+    /// then `NBD_CMD_DISC`; all by `deadline`.
+    fn probe_by(&self, deadline: Instant) -> Result<(), String> {
+        let sh = &self.sh;
+        let uri = &sh.text;
+        let mut s =
+            Stream::connect(&sh.uri.addr, deadline).map_err(|e| format!("connect {uri}: {e}"))?;
+        let info = handshake(&mut s, &sh.uri.export, deadline)
+            .map_err(|e| format!("handshake {uri}: {e}"))?;
+        if info.size != sh.info.size {
+            return Err(format!(
+                "{uri}: export size changed from {} to {}",
+                sh.info.size, info.size
+            ));
+        }
+        let len = u64::from(self.limits().logical_block_bytes).min(info.size) as u32;
+        if len > 0 {
+            probe_read(&mut s, len, deadline).map_err(|e| format!("read {uri}: {e}"))?;
+        }
+        disconnect(&mut s);
+        Ok(())
     }
 
     pub fn export_info(&self) -> ExportInfo {
@@ -379,6 +539,41 @@ impl NbdLeaf {
     /// Connections each channel opens.
     pub fn connections(&self) -> u32 {
         self.sh.conns
+    }
+}
+
+/// Reads `len` bytes at offset 0 on a blocking stream in the transmission phase. An error
+/// reply is fine (the server answered), except `ESHUTDOWN`: the server is going away.
+fn probe_read(s: &mut Stream, len: u32, deadline: Instant) -> io::Result<()> {
+    let req = Request {
+        flags: CmdFlags::empty(),
+        command: Command::Read,
+        cookie: PROBE_COOKIE,
+        offset: 0,
+        length: len,
+    };
+    s.write_all_by(&req.to_bytes(), deadline)?;
+    let mut h = [0u8; SimpleReply::SIZE];
+    s.read_exact_by(&mut h, deadline)?;
+    let (reply, _) = SimpleReply::decode(&h)
+        .map_err(protocol)?
+        .ok_or_else(|| protocol("short reply"))?;
+    if reply.cookie != PROBE_COOKIE {
+        return Err(protocol(format!(
+            "reply to unknown cookie {:#x}",
+            reply.cookie
+        )));
+    }
+    match reply.error.map(Errno::for_client) {
+        None => {
+            let mut data = vec![0u8; len as usize];
+            s.read_exact_by(&mut data, deadline)
+        }
+        Some(Errno::Eshutdown) => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the server is shutting down (ESHUTDOWN)",
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -441,6 +636,21 @@ impl Leaf for NbdLeaf {
 
     fn channel(&self) -> Box<dyn LeafChannel> {
         Box::new(NbdChannel::new(self.sh.clone()))
+    }
+
+    /// Connect, handshake, read one logical block at offset 0, disconnect; all within
+    /// `timeout`. On success the channels reconnect at once where a connection is down.
+    fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let res = self.probe_by(Instant::now() + timeout);
+        let c = &self.sh.counters;
+        match res {
+            Ok(()) => {
+                bump(&c.probes_ok);
+                self.sh.epoch.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => bump(&c.probes_failed),
+        }
+        res
     }
 }
 
@@ -591,6 +801,8 @@ struct NbdChannel {
     epoll: Option<OwnedFd>,
     next_timeout_check: Instant,
     completed: usize,
+    /// The leaf's probe epoch as of the last time this channel looked (or lost a connection).
+    seen_epoch: u64,
 }
 
 impl NbdChannel {
@@ -640,6 +852,7 @@ impl NbdChannel {
             epoll,
             next_timeout_check: now,
             completed: 0,
+            seen_epoch: sh.epoch.load(Ordering::Relaxed),
             sh,
         };
         // First connections at creation (setup time); failures retry from the data path.
@@ -660,6 +873,11 @@ impl NbdChannel {
             Ok(s)
         });
         let conn = &mut self.conns[c];
+        bump(if res.is_ok() {
+            &self.sh.counters.connects
+        } else {
+            &self.sh.counters.connect_failures
+        });
         match res {
             Ok(s) => {
                 if let Some(ep) = &self.epoll {
@@ -682,8 +900,20 @@ impl NbdChannel {
         }
     }
 
-    /// Reconnects connections whose backoff has passed.
+    /// Reconnects connections whose backoff has passed, or all that are down when a probe
+    /// succeeded since this channel last looked (the path checker saw the server answer).
     fn reconnect_due(&mut self, now: Instant) {
+        let epoch = self.sh.epoch.load(Ordering::Relaxed);
+        if epoch != self.seen_epoch {
+            self.seen_epoch = epoch;
+            bump(&self.sh.counters.nudges);
+            for conn in &mut self.conns {
+                if let ConnState::Down { next_attempt } = &mut conn.state {
+                    *next_attempt = now;
+                    conn.backoff = BACKOFF_MIN;
+                }
+            }
+        }
         for c in 0..self.conns.len() {
             if let ConnState::Down { next_attempt } = self.conns[c].state {
                 if now >= next_attempt {
@@ -696,6 +926,9 @@ impl NbdChannel {
     /// Fails a connection: every bio in flight on it completes with a path error.
     fn fail_conn(&mut self, cx: &mut LeafCx<'_>, c: usize, why: Fail, now: Instant) {
         let timeout = self.sh.opts.timeout;
+        // Only probes from now on speak for the server being back.
+        self.seen_epoch = self.sh.epoch.load(Ordering::Relaxed);
+        bump(&self.sh.counters.connection_losses);
         let conn = &mut self.conns[c];
         if let ConnState::Up(s) = &conn.state {
             if let Some(ep) = &self.epoll {

@@ -4,74 +4,16 @@
 use stackbd_core::alloc_count::{thread_allocs, CountingAlloc};
 use stackbd_core::{DataBuf, DevId, Engine, Leaf, Op, Request, Status};
 use stackbd_leaves::nbd_client::{NbdLeaf, NbdOptions};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::Server;
 
 #[global_allocator]
 static A: CountingAlloc = CountingAlloc;
 
 const MIB: u64 = 1 << 20;
-
-/// A server process, killed (by PID) when dropped.
-struct Server {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Server {
-    fn spawn(tool: &str, args: &[&str], sock: &Path) -> Server {
-        let _ = std::fs::remove_file(sock);
-        let child = Command::new(tool)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {tool} (install it: scripts/test.sh): {e}"));
-        let mut s = Server {
-            child,
-            sock: sock.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if UnixStream::connect(sock).is_ok() {
-                return s;
-            }
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("{tool} {args:?} exited: {st}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{tool} did not listen on {sock:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn nbdkit(sock: &Path, extra: &[&str]) -> Server {
-        let s = sock.to_str().unwrap();
-        let mut args = vec!["-f", "--unix", s];
-        args.extend_from_slice(extra);
-        Server::spawn("nbdkit", &args, sock)
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct Rng(u64);
 
