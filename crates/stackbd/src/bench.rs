@@ -300,6 +300,8 @@ struct JobResult {
     submit_errors: u64,
     allocs: u64,
     splits: u64,
+    leaf_ios: u64,
+    rq_merges: u64,
     overflows: u64,
     fallback_allocs: u64,
     pool_grown: u64,
@@ -311,6 +313,8 @@ struct JobResult {
 struct Marks {
     allocs: u64,
     splits: u64,
+    leaf_ios: u64,
+    rq_merges: u64,
     overflows: u64,
     fallback_allocs: u64,
     pool_grown: u64,
@@ -324,6 +328,8 @@ impl Marks {
         Marks {
             allocs,
             splits: cx.reactor.stats.splits,
+            leaf_ios: cx.reactor.stats.leaf_ios,
+            rq_merges: cx.reactor.stats.rq_merges,
             overflows: cx.reactor.fallback().overflows,
             fallback_allocs: cx.reactor.fallback().allocations,
             pool_grown: cx.reactor.pool().stats.grown,
@@ -447,6 +453,8 @@ impl Job {
         self.delta = Marks {
             allocs: end.allocs - m.allocs,
             splits: end.splits - m.splits,
+            leaf_ios: end.leaf_ios - m.leaf_ios,
+            rq_merges: end.rq_merges - m.rq_merges,
             overflows: end.overflows - m.overflows,
             fallback_allocs: end.fallback_allocs - m.fallback_allocs,
             pool_grown: end.pool_grown - m.pool_grown,
@@ -481,6 +489,8 @@ impl Job {
             submit_errors: self.submit_errors,
             allocs: d.allocs,
             splits: d.splits,
+            leaf_ios: d.leaf_ios,
+            rq_merges: d.rq_merges,
             overflows: d.overflows,
             fallback_allocs: d.fallback_allocs,
             pool_grown: d.pool_grown,
@@ -647,6 +657,8 @@ struct Report {
     first_error: Option<Status>,
     allocs: u64,
     splits: u64,
+    leaf_ios: u64,
+    rq_merges: u64,
     overflows: u64,
     fallback_allocs: u64,
     pool_grown: u64,
@@ -673,6 +685,8 @@ fn merge(results: Vec<JobResult>, bs: u64) -> Report {
         first_error: None,
         allocs: 0,
         splits: 0,
+        leaf_ios: 0,
+        rq_merges: 0,
         overflows: 0,
         fallback_allocs: 0,
         pool_grown: 0,
@@ -706,6 +720,8 @@ fn merge(results: Vec<JobResult>, bs: u64) -> Report {
         r.first_error = r.first_error.or(j.first_error);
         r.allocs += j.allocs;
         r.splits += j.splits;
+        r.leaf_ios += j.leaf_ios;
+        r.rq_merges += j.rq_merges;
         r.overflows += j.overflows;
         r.fallback_allocs += j.fallback_allocs;
         r.pool_grown += j.pool_grown;
@@ -968,6 +984,9 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             "pool_grown": rep.pool_grown,
             "splits": rep.splits,
             "splits_per_io": r3(rep.splits as f64 / rep.ios.max(1) as f64),
+            "leaf_ios": rep.leaf_ios,
+            "leaf_ios_per_io": r3(rep.leaf_ios as f64 / rep.ios.max(1) as f64),
+            "rq_merges": rep.rq_merges,
             "loops_per_io": r3(rep.loops_per_io),
             "errors": rep.errors,
             "first_error": rep.first_error.map(|s| format!("{s:?}")),
@@ -1011,6 +1030,13 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             rep.overflows,
             rep.splits,
             rep.splits as f64 / rep.ios.max(1) as f64
+        );
+        let _ = writeln!(
+            t,
+            "  leaf I/Os  {} ({:.3} per I/O), {} request-queue merges",
+            rep.leaf_ios,
+            rep.leaf_ios as f64 / rep.ios.max(1) as f64,
+            rep.rq_merges
         );
         let _ = writeln!(t, "  errors     {}", rep.errors);
         out(&t);

@@ -134,6 +134,18 @@ pub enum Verb {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Show or set a volume's request queue (used while its table is request-based, e.g.
+    /// multipath): the scheduler (none, deadline) and nr_requests (requests out at once per
+    /// reactor).
+    Queue {
+        name: String,
+        #[arg(long)]
+        scheduler: Option<String>,
+        #[arg(long)]
+        nr_requests: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Send a message to the target that holds SECTOR (options go before SECTOR).
     Message {
         name: String,
@@ -260,6 +272,7 @@ impl Verb {
             Verb::Info { .. } => "info",
             Verb::Table { .. } => "table",
             Verb::Status { .. } => "status",
+            Verb::Queue { .. } => "queue",
             Verb::Message { .. } => "message",
             Verb::Deps { .. } => "deps",
             Verb::Wait { .. } => "wait",
@@ -291,6 +304,7 @@ impl Verb {
             | Verb::Info { conn, .. }
             | Verb::Table { conn, .. }
             | Verb::Status { conn, .. }
+            | Verb::Queue { conn, .. }
             | Verb::Message { conn, .. }
             | Verb::Deps { conn, .. }
             | Verb::Wait { conn, .. }
@@ -481,6 +495,15 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
             ("table", json!({"name": name, "inactive": inactive}))
         }
         Verb::Status { name, .. } => ("status", json!({ "name": name })),
+        Verb::Queue {
+            name,
+            scheduler,
+            nr_requests,
+            ..
+        } => (
+            "queue",
+            json!({"name": name, "scheduler": scheduler, "nr_requests": nr_requests}),
+        ),
         Verb::Message {
             name, sector, msg, ..
         } => {
@@ -659,6 +682,12 @@ fn render(v: &Verb, r: &Value) -> String {
         Verb::Info { .. } => info_text(r.get("info").unwrap_or(&Value::Null)),
         Verb::Table { .. } => lines(s(r, "table")),
         Verb::Status { .. } => lines(s(r, "status")),
+        Verb::Queue { .. } => format!(
+            "Scheduler: {}\nnr_requests: {}\nRequest-based: {}\n",
+            s(r, "scheduler"),
+            n(r, "nr_requests"),
+            if b(r, "request_based") { "yes" } else { "no" }
+        ),
         Verb::Message { .. } => lines(s(r, "reply")),
         Verb::Deps { .. } => {
             let deps: Vec<String> = list(r, "deps")

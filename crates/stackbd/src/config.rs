@@ -178,6 +178,8 @@ pub struct VolumeDecl {
     /// File line holding line 1 of the table text, when the string maps line for line onto the
     /// file (no escapes in a basic string); table errors then point at the exact file line.
     pub table_first_line: Option<usize>,
+    /// Request queue settings (used when the table is request-based, e.g. multipath).
+    pub queue: stackbd_core::QueueOpts,
 }
 
 impl VolumeDecl {
@@ -834,17 +836,39 @@ fn string_first_line(cx: &Cx<'_>, span: Range<usize>) -> Option<usize> {
 }
 
 fn read_volume(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<VolumeDecl> {
-    const TAKES: &str = "volumes take: table";
+    const TAKES: &str = "volumes take: table, scheduler, nr_requests";
     let mut f = Fields::new(cx, Section::Volume(name.to_string()), map);
     let name_ok = check_name(cx, &f);
     let table = f.string(cx, "table", TAKES);
+    let scheduler = match f.take("scheduler") {
+        None => Some(stackbd_core::Scheduler::None),
+        Some(v) => match v.get_ref() {
+            Value::String(s) => s
+                .parse::<stackbd_core::Scheduler>()
+                .map_err(|e| {
+                    let line = cx.lines.line(v.span().start);
+                    f.invalid(cx, Some(line), format!("scheduler: {e}"));
+                })
+                .ok(),
+            _ => {
+                f.wrong_type(cx, "scheduler", "\"none\" or \"deadline\"", &v);
+                None
+            }
+        },
+    };
+    let nr_requests = f.integer(cx, "nr_requests", 1..=4096);
     f.finish(cx, TAKES);
     let (table, span) = table?;
+    let queue = stackbd_core::QueueOpts {
+        scheduler: scheduler?,
+        nr_requests: nr_requests?.map_or(stackbd_core::rq::DEFAULT_NR_REQUESTS, |n| n as u32),
+    };
     name_ok.then(|| VolumeDecl {
         name: name.to_string(),
         line: cx.lines.line(span.start),
         table_first_line: string_first_line(cx, span),
         table,
+        queue,
     })
 }
 
@@ -1112,7 +1136,10 @@ fn build_in(
             bad_vol.insert(v.name.clone(), "was skipped");
             continue;
         }
-        if let Err(e) = engine.create(&v.name, Some(&v.table)) {
+        let created = engine
+            .create(&v.name, Some(&v.table))
+            .and_then(|_| engine.set_queue(&v.name, v.queue));
+        if let Err(e) = created {
             let (line, kind) = match e {
                 EngineError::Table { source, .. } => {
                     (v.file_line(source.line), ErrorKind::Table(source))

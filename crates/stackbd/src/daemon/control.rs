@@ -52,6 +52,7 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ("info", &["name"]),
     ("table", &["name", "inactive"]),
     ("status", &["name"]),
+    ("queue", &["name", "scheduler", "nr_requests"]),
     ("message", &["name", "sector", "argv"]),
     ("deps", &["name"]),
     ("wait", &["name", "event_nr", "timeout_s"]),
@@ -653,6 +654,33 @@ fn handle_with(d: &Daemon, req: &Value, gone: &dyn Fn() -> bool) -> Result<Value
             let name = r.string("name")?;
             let e = engine(d);
             Ok(json!({"status": e.status(name).map_err(es)?}))
+        }
+        "queue" => {
+            let name = r.string("name")?;
+            let mut e = engine(d);
+            let mut q = e.queue(name).map_err(es)?;
+            let mut set = false;
+            if let Some(sched) = r.opt_string("scheduler")? {
+                q.scheduler = sched.parse().map_err(|m: String| m)?;
+                set = true;
+            }
+            if let Some(n) = r.opt_u64("nr_requests")? {
+                q.nr_requests = u32::try_from(n).unwrap_or(0);
+                set = true;
+            }
+            if set {
+                e.set_queue(name, q).map_err(es)?;
+                changed(d, &e, false);
+            }
+            let rq = e
+                .live_table(name)
+                .map_err(es)?
+                .is_some_and(|t| t.request_based());
+            Ok(json!({
+                "scheduler": q.scheduler.to_string(),
+                "nr_requests": q.nr_requests,
+                "request_based": rq,
+            }))
         }
         "message" => {
             let name = r.string("name")?;

@@ -71,6 +71,15 @@ pub fn render(engine: &Engine, exports: &ExportTable) -> String {
             "\n[volume.{}]\ntable = \"\"\"\n{table}\"\"\"\n",
             key(name)
         ));
+        if let Ok(q) = engine.queue(name) {
+            if q != stackbd_core::QueueOpts::default() {
+                out.push_str(&format!(
+                    "scheduler = {}\nnr_requests = {}\n",
+                    quote(&q.scheduler.to_string()),
+                    q.nr_requests
+                ));
+            }
+        }
     }
     for e in exports.all() {
         out.push_str(&format!(
