@@ -102,6 +102,11 @@ impl Rig {
 
     /// Leaves `p0`, `p1`, ... (one per server), volume `mp` with `table`, export `mp`.
     fn config(&self, table: &str) -> String {
+        self.config_with(table, "")
+    }
+
+    /// [`Rig::config`] with more keys (`volume_keys`, whole lines) in `[volume.mp]`.
+    fn config_with(&self, table: &str, volume_keys: &str) -> String {
         let mut s = String::new();
         for (i, srv) in self.servers.iter().enumerate() {
             s.push_str(&format!(
@@ -110,7 +115,8 @@ impl Rig {
             ));
         }
         s.push_str(&format!(
-            "[volume.mp]\ntable = \"{table}\"\n[export.mp]\nvolume = \"mp\"\nread_only = false\n"
+            "[volume.mp]\ntable = \"{table}\"\n{volume_keys}[export.mp]\nvolume = \"mp\"\n\
+             read_only = false\n"
         ));
         s
     }
@@ -1010,16 +1016,31 @@ fn groups_and_path_messages() {
 // 5. Merging
 // ---------------------------------------------------------------------------------------------
 
-/// Sequential 4 KiB writes at queue depth 32 (64 MiB) through the volume; returns the counter
-/// deltas of the write pass (fio's verify pass runs after, separately).
-fn sequential_writes(bio: bool) -> (u64, Value) {
+/// How the merging tests run the volume.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Request-based with this scheduler.
+    Rq(&'static str),
+    /// `queue_mode bio`.
+    Bio,
+}
+
+/// Sequential 4 KiB writes at queue depth 32 (64 MiB) through the volume; returns fio's write
+/// count and the counter deltas of the write pass (fio's verify pass runs after, separately,
+/// and must be clean).
+fn sequential_writes(mode: Mode) -> (u64, Value) {
     let mut rig = Rig::new();
     rig.serve(&[], &[]);
     rig.serve(&[], &[]);
-    let (d, _cfg) = rig.daemon(&rr_table(&features_with(
-        &["queue_if_no_path", "checker_interval_ms", "1000"],
-        bio,
-    )));
+    let base = ["queue_if_no_path", "checker_interval_ms", "1000"];
+    let (table, keys) = match mode {
+        Mode::Rq(sched) => (
+            rr_table(&features_with(&base, false)),
+            format!("scheduler = \"{sched}\"\n"),
+        ),
+        Mode::Bio => (rr_table(&features_with(&base, true)), String::new()),
+    };
+    let (d, _cfg) = Daemon::with_config(&rig.config_with(&table, &keys));
     let uri = d.uri("mp");
     let job = [
         "--rw=write",
@@ -1055,8 +1076,8 @@ fn sequential_writes(bio: bool) -> (u64, Value) {
 
 #[test]
 fn request_queue_merges_sequential_writes() {
-    let (n_rq, rq) = sequential_writes(false);
-    let (n_bio, bio) = sequential_writes(true);
+    let (n_rq, rq) = sequential_writes(Mode::Rq("none"));
+    let (n_bio, bio) = sequential_writes(Mode::Bio);
     eprintln!("sequential 4k writes, queue_mode rq:  {n_rq} client writes, {rq}");
     eprintln!("sequential 4k writes, queue_mode bio: {n_bio} client writes, {bio}");
     assert_eq!((n_rq, n_bio), (16384, 16384), "fio writes");
@@ -1081,6 +1102,21 @@ fn request_queue_merges_sequential_writes() {
         (total(&bio, "rq_bios"), total(&bio, "rq_merges")),
         (0, 0),
         "queue_mode bio has no request queue: {bio}"
+    );
+}
+
+/// The deadline scheduler sorts and merges too: the same writes reach the leaves in at most
+/// half as many I/Os as the client sent (which is what bio mode sends, see above).
+#[test]
+fn deadline_scheduler_merges_sequential_writes() {
+    let (n, rq) = sequential_writes(Mode::Rq("deadline"));
+    eprintln!("sequential 4k writes, scheduler deadline: {n} client writes, {rq}");
+    assert_eq!(n, 16384, "fio writes");
+    assert!(total(&rq, "rq_merges") > 0, "deadline merged nothing: {rq}");
+    assert!(
+        2 * total(&rq, "leaf_ios") <= n,
+        "deadline sent {} I/Os to the leaves for {n} writes: not 2x fewer",
+        total(&rq, "leaf_ios")
     );
 }
 
