@@ -17,8 +17,11 @@
 # count. "leaf I/Os per client I/O" = leaf_ios ÷ fio's I/Os; "bio ÷ this" = bio's leaf I/Os per
 # client I/O ÷ this case's (how many times fewer NBD requests the servers get than in bio mode).
 #
+# The machine may be shared: REPEAT=N runs every case N times, the cases in rotating order, and
+# keeps each cell's best-IOPS run (the counters are those of that run).
+#
 # Usage: scripts/bench-merge.sh            (prints markdown on stdout, progress on stderr)
-# Knobs (environment): RUNTIME=8 (s per job)  CASES="rq-none rq-deadline bio"
+# Knobs (environment): RUNTIME=8 (s per job)  CASES="rq-none rq-deadline bio"  REPEAT=1
 #                      BACKING=tmpfs|disk (backing file in /dev/shm or under /var/tmp; tmpfs)
 #                      REACTORS=  (stackbd --reactors; default: the daemon's own)
 #                      KEEP=1 keeps the temp dir (fio JSON, stats, logs)
@@ -29,6 +32,7 @@ RUNTIME="${RUNTIME:-8}"
 CASES="${CASES:-rq-none rq-deadline bio}"
 BACKING="${BACKING:-tmpfs}"
 REACTORS="${REACTORS:-}"
+REPEAT="${REPEAT:-1}"
 NPROC="$(nproc)"
 SIZE_BYTES=$((1 << 30))
 
@@ -107,41 +111,46 @@ stats() { "$TMP/stackbd" stats --json --control "$TMP/control.sock" >"$1"; }
 RESULTS="$TMP/results.tsv"
 : >"$RESULTS"
 
-for c in $CASES; do
-    sed "s|@DIR@|$TMP|g" "$ROOT/bench/merge/$c.toml" >"$TMP/$c.toml"
-    extra=()
-    [ -n "$REACTORS" ] && extra=(--reactors "$REACTORS")
-    rm -f "$TMP/mp.sock" "$TMP/control.sock"
-    "$TMP/stackbd" serve --config "$TMP/$c.toml" --control "$TMP/control.sock" --listen none \
-        --socket "$TMP/mp.sock" "${extra[@]}" >"$TMP/stackbd-$c.log" 2>&1 &
-    DPID=$!
-    PIDS+=("$DPID")
-    wait_socket "$DPID" "$TMP/mp.sock" "$TMP/stackbd-$c.log" "stackbd ($c)"
-    wait_socket "$DPID" "$TMP/control.sock" "$TMP/stackbd-$c.log" "stackbd ($c) control"
-    uri="nbd+unix:///mp?socket=$TMP/mp.sock"
-    log "case $c: $(grep table "$TMP/$c.toml" | head -1)"
-    for j in "${JOBS[@]}"; do
-        read -r job rw bs qd <<<"$j"
-        out="$TMP/$c-$job"
-        stats "$out.before.json"
-        fio --name="$job" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-            --numjobs=1 --size="$SIZE_BYTES" --time_based --runtime="$RUNTIME" \
-            --output-format=json --output="$out.fio.json" >/dev/null
-        stats "$out.after.json"
-        printf '%s\t%s\t%s\n' "$c" "$job" "$out" >>"$RESULTS"
-        log "case $c: $job done"
+read -ra CASE_LIST <<<"$CASES"
+NC=${#CASE_LIST[@]}
+for REP in $(seq "$REPEAT"); do
+    for k in $(seq 0 $((NC - 1))); do
+        c="${CASE_LIST[$(((k + REP - 1) % NC))]}"
+        sed "s|@DIR@|$TMP|g" "$ROOT/bench/merge/$c.toml" >"$TMP/$c.toml"
+        extra=()
+        [ -n "$REACTORS" ] && extra=(--reactors "$REACTORS")
+        rm -f "$TMP/mp.sock" "$TMP/control.sock"
+        "$TMP/stackbd" serve --config "$TMP/$c.toml" --control "$TMP/control.sock" --listen none \
+            --socket "$TMP/mp.sock" "${extra[@]}" >"$TMP/stackbd-$c.log" 2>&1 &
+        DPID=$!
+        PIDS+=("$DPID")
+        wait_socket "$DPID" "$TMP/mp.sock" "$TMP/stackbd-$c.log" "stackbd ($c)"
+        wait_socket "$DPID" "$TMP/control.sock" "$TMP/stackbd-$c.log" "stackbd ($c) control"
+        uri="nbd+unix:///mp?socket=$TMP/mp.sock"
+        log "case $c (pass $REP): $(grep table "$TMP/$c.toml" | head -1)"
+        for j in "${JOBS[@]}"; do
+            read -r job rw bs qd <<<"$j"
+            out="$TMP/$c-$job-$REP"
+            stats "$out.before.json"
+            fio --name="$job" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+                --numjobs=1 --size="$SIZE_BYTES" --time_based --runtime="$RUNTIME" \
+                --output-format=json --output="$out.fio.json" >/dev/null
+            stats "$out.after.json"
+            printf '%s\t%s\t%s\n' "$c" "$job" "$out" >>"$RESULTS"
+            log "case $c: $job done (pass $REP)"
+        done
+        "$TMP/stackbd" shutdown --control "$TMP/control.sock" >/dev/null 2>&1 || kill -TERM "$DPID"
+        for _ in $(seq 100); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$DPID" 2>/dev/null || true
+        wait "$DPID" 2>/dev/null || true
     done
-    "$TMP/stackbd" shutdown --control "$TMP/control.sock" >/dev/null 2>&1 || kill -TERM "$DPID"
-    for _ in $(seq 100); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$DPID" 2>/dev/null || true
-    wait "$DPID" 2>/dev/null || true
 done
 
 # ---- report ----
 cat <<EOF
 # Request merging: multipath queue_mode rq vs bio
 
-- command: \`RUNTIME=$RUNTIME CASES="$CASES" BACKING=$BACKING${REACTORS:+ REACTORS=$REACTORS} scripts/bench-merge.sh\`
+- command: \`REPEAT=$REPEAT RUNTIME=$RUNTIME CASES="$CASES" BACKING=$BACKING${REACTORS:+ REACTORS=$REACTORS} scripts/bench-merge.sh\`
 - date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); nproc: $NPROC; kernel: $(uname -r); load average: $(cut -d' ' -f1-3 /proc/loadavg)
 - $(fio --version); $(nbdkit --version | head -1)
 - stackbd: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (+ uncommitted changes)'); $(rustc --version)
@@ -150,13 +159,14 @@ cat <<EOF
 - client: fio \`--ioengine=nbd --numjobs=1 --size=1G --time_based --runtime=$RUNTIME\`, one connection
 - counters: deltas of \`stackbd stats --json\` totals around each fio run. leaf I/Os per client I/O =
   leaf_ios ÷ fio I/Os; bio ÷ this = (bio's leaf I/Os per client I/O) ÷ (this case's).
+- REPEAT=$REPEAT: each cell shows the run with the best IOPS out of $REPEAT (cases in rotating order).
 EOF
 
 python3 - "$RESULTS" "$CASES" <<'PY'
 import json, sys
 
 results, cases = sys.argv[1], sys.argv[2].split()
-rows = []
+best = {}
 for line in open(results):
     case, job, base = line.rstrip("\n").split("\t")
     before = json.load(open(base + ".before.json"))["totals"]
@@ -168,8 +178,11 @@ for line in open(results):
     if j.get("error"):
         sys.exit(f"bench-merge: fio {case}/{job} reported error {j['error']}")
     ios = io["total_ios"]
-    rows.append(dict(case=case, job=job, iops=io["iops"], mibs=io["bw_bytes"] / 2**20, ios=ios,
-                     per=d["leaf_ios"] / ios if ios else float("nan"), **d))
+    row = dict(case=case, job=job, iops=io["iops"], mibs=io["bw_bytes"] / 2**20, ios=ios,
+               per=d["leaf_ios"] / ios if ios else float("nan"), **d)
+    if (case, job) not in best or row["iops"] > best[(case, job)]["iops"]:
+        best[(case, job)] = row
+rows = list(best.values())
 
 jobs = []
 for r in rows:
