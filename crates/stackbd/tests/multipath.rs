@@ -512,19 +512,21 @@ fn failover_under_load(bio: bool) {
     assert_eq!(st.len(), 2, "{text}");
     assert_all_healthy(&st, &text, "at start");
 
-    // 96 MiB of 4 KiB random writes, then fio reads everything back and checks it. On a
-    // 2-core machine this runs for several seconds, past the kill and the restart.
+    // 64 MiB of 4 KiB random writes, then fio reads everything back and checks it (each
+    // block's header carries the seed of the write that made it, so a stale block from an
+    // earlier loop fails too); 2 loops of that run for several seconds, past the kill and the
+    // restart, so the restarted path serves I/O again before fio ends.
     let job = [
         "--rw=randwrite",
         "--bs=4k",
         "--iodepth=16",
-        "--size=96M",
+        "--size=64M",
         "--verify=crc32c",
         "--verify_fatal=1",
     ];
     let report = rig.path("failover.json");
     let mut args = job.to_vec();
-    args.push("--do_verify=1");
+    args.extend(["--do_verify=1", "--loops=2"]);
     let mut fio = Bg::start(
         &mut fio_cmd(&uri, "failover", &report, &args),
         &rig.path("fio.log"),
@@ -574,19 +576,27 @@ fn failover_under_load(bio: bool) {
     assert!(st["p0"].fail_count >= 1, "fail count was reset: {st:?}");
     wait_event(&d, ev);
 
+    let still_running = fio.try_exit().is_none();
     let s = fio.wait(SLOW);
-    fio_report(
+    let j = fio_report(
         s.success(),
         &report,
         "fio randwrite + verify across the failover",
         &fio.output(),
+    );
+    eprintln!(
+        "fio: {} writes, {} verified reads in {} ms; still running after the reinstatement: \
+         {still_running}",
+        fio_ios(&j, "write"),
+        fio_ios(&j, "read"),
+        j["jobs"][0]["job_runtime"]
     );
     // A second pass reads the whole area again and checks every block's header and crc.
     let mut args = job.to_vec();
     args[0] = "--rw=read";
     args.push("--verify_only");
     let j = fio_run(&uri, "verify-again", rig.dir.path(), &args);
-    assert_eq!(fio_ios(&j, "read"), 96 * 256, "the verify pass: {j}");
+    assert_eq!(fio_ios(&j, "read"), 64 * 256, "the verify pass: {j}");
     let (st, text) = mp_status(&d);
     assert_eq!(st["p0"].state, "A", "{text}");
     assert_eq!(st["p1"].state, "A", "{text}");
