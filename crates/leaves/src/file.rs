@@ -628,6 +628,18 @@ pub(crate) fn errno_status(errno: i32, space_op: bool) -> Status {
         // fallocate / discard / zeroout say EINVAL for a mode the filesystem or device lacks.
         libc::EINVAL if space_op => Status::NotSupported,
         libc::EAGAIN => Status::Again,
+        // What the block layer reports for a transport or a device that went away (its
+        // BLK_STS_TRANSPORT, OFFLINE, NEXUS, TIMEOUT): path errors, which multipath retries on
+        // another path. A medium error stays a target error.
+        libc::ETIMEDOUT => Status::Timeout,
+        libc::ENOLINK
+        | libc::ENODEV
+        | libc::ENXIO
+        | libc::EBADE
+        | libc::ESHUTDOWN
+        | libc::ECONNRESET
+        | libc::ENOTCONN
+        | libc::EHOSTDOWN => Status::PathError,
         _ => Status::IoError,
     }
 }
@@ -1281,6 +1293,9 @@ mod tests {
         assert_eq!(errno_status(libc::EINVAL, false), Status::IoError);
         assert_eq!(errno_status(libc::EAGAIN, false), Status::Again);
         assert_eq!(errno_status(libc::EBADF, false), Status::IoError);
+        assert_eq!(errno_status(libc::ENOLINK, false), Status::PathError);
+        assert_eq!(errno_status(libc::ENODEV, false), Status::PathError);
+        assert_eq!(errno_status(libc::ETIMEDOUT, false), Status::Timeout);
     }
 
     #[test]
