@@ -554,3 +554,117 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// NBD servers the tests start, kill and restart (multipath paths)
+// ---------------------------------------------------------------------------------------------
+
+/// An `nbdkit` server on a unix socket, started by the test and ended by its PID only: `kill`
+/// sends SIGKILL (a crash, as a path sees it), drop does the same. `start` again serves on the
+/// same socket with the same arguments.
+pub struct NbdServer {
+    pub name: String,
+    pub sock: PathBuf,
+    dir: PathBuf,
+    args: Vec<String>,
+    starts: usize,
+    bg: Option<Bg>,
+}
+
+impl NbdServer {
+    /// `nbdkit -f --exit-with-parent -U DIR/NAME.sock ARGS...` (ARGS: filters, the plugin and
+    /// its parameters), started and listening.
+    pub fn nbdkit(name: &str, dir: &Path, args: &[&str]) -> NbdServer {
+        let mut s = NbdServer {
+            name: name.to_string(),
+            sock: dir.join(format!("{name}.sock")),
+            dir: dir.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            starts: 0,
+            bg: None,
+        };
+        s.start();
+        s
+    }
+
+    /// Starts it (again) and waits until its socket accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.bg.is_none(), "{} is already running", self.name);
+        // A killed nbdkit leaves its socket file behind.
+        let _ = std::fs::remove_file(&self.sock);
+        self.starts += 1;
+        let log = self.dir.join(format!("{}.{}.log", self.name, self.starts));
+        let mut c = tool("nbdkit");
+        c.args(["-f", "--exit-with-parent", "-U"])
+            .arg(&self.sock)
+            .args(&self.args);
+        let mut bg = Bg::start(&mut c, &log);
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.sock).is_ok() {
+                break;
+            }
+            if let Some(st) = bg.try_exit() {
+                panic!(
+                    "{} exited ({st}) before listening:\n{}",
+                    bg.what,
+                    bg.output()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "{} did not listen on {} within 10 s:\n{}",
+                    bg.what,
+                    self.sock.display(),
+                    bg.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.bg = Some(bg);
+    }
+
+    /// SIGKILL by PID, and reap it.
+    pub fn kill(&mut self) {
+        let bg = self.bg.take().expect("server not running");
+        drop(bg);
+    }
+
+    pub fn running(&self) -> bool {
+        self.bg.is_some()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.bg.as_ref().map_or(0, Bg::pid)
+    }
+
+    /// `nbd+unix:///?socket=SOCK` (nbdkit serves any export name).
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    /// What every run of it printed.
+    pub fn output(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.join(format!("{}.{i}.log", self.name)))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The daemon's summed reactor counters (`stats` on the control socket, `totals`).
+pub fn stats_totals(d: &Daemon) -> serde_json::Value {
+    let r = d.control(&serde_json::json!({"v": 1, "cmd": "stats"}));
+    assert_eq!(r["ok"], true, "stats: {r}");
+    r["totals"].clone()
+}
+
+/// One counter of [`stats_totals`]; fails the test if the daemon does not report it.
+pub fn total(t: &serde_json::Value, key: &str) -> u64 {
+    t[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats totals have no counter '{key}': {t}"))
+}
