@@ -285,7 +285,7 @@ fn zero_length_is_refused() {
 fn unknown_target_type_is_refused() {
     check(&volume("0 1024 linaer m0 0")).refused(&[
         "{path}:9: [volume.v]: table line 1: target: unknown target type 'linaer' (known: \
-         error, linear, striped, zero)",
+         error, linear, multipath, striped, zero)",
     ]);
 }
 
@@ -460,7 +460,24 @@ fn unknown_leaf_kind_is_refused() {
 #[test]
 fn unknown_key_is_refused() {
     let cfg = format!("{LEAVES}[volume.v]\ntable = \"0 8 zero\"\ncolour = \"red\"\n");
-    check(&cfg).refused(&["{path}:9: [volume.v]: unknown key 'colour' (volumes take: table)"]);
+    check(&cfg).refused(&[
+        "{path}:9: [volume.v]: unknown key 'colour' (volumes take: table, scheduler, nr_requests)",
+    ]);
+}
+
+#[test]
+fn bad_request_queue_settings_are_refused() {
+    let cfg = format!("{LEAVES}[volume.v]\ntable = \"0 8 zero\"\nscheduler = \"cfq\"\n");
+    check(&cfg).refused(&[
+        "{path}:9: [volume.v]: scheduler: unknown scheduler 'cfq' (known: none, deadline)",
+    ]);
+    let cfg = format!("{LEAVES}[volume.v]\ntable = \"0 8 zero\"\nnr_requests = 0\n");
+    check(&cfg)
+        .refused(&["{path}:9: [volume.v]: nr_requests: 0 is out of range (1..=4096)"]);
+    let cfg = format!("{LEAVES}[volume.v]\ntable = \"0 8 zero\"\nscheduler = 1\n");
+    check(&cfg).refused(&[
+        "{path}:9: [volume.v]: scheduler: expected \"none\" or \"deadline\", got integer",
+    ]);
 }
 
 #[test]
