@@ -573,6 +573,10 @@ impl Engine {
         };
         if !drained {
             self.reactors.each(move |r| r.resume(id));
+            // Undo presuspend: the targets go back to how they ran before.
+            if let Some(t) = &self.volume_mut(id).active {
+                t.entries().iter().for_each(|e| e.target.resume());
+            }
             return Err(EngineError::invalid(
                 name,
                 format!(
