@@ -5,6 +5,7 @@
 #
 # Cases (bench/merge/CASE.toml; @DIR@ is this run's temp dir):
 #   rq-none      request-based (queue_mode rq, the default), scheduler "none"
+#   rq-none-nr4  as rq-none with nr_requests = 4 (fewer requests out at once, so more merging)
 #   rq-deadline  request-based, scheduler "deadline"
 #   bio          queue_mode bio: no request queue, every bio goes to a path as it comes
 # Jobs: 4 KiB sequential writes (what merging is for) and 4 KiB random writes (the control: few
@@ -21,7 +22,7 @@
 # keeps each cell's best-IOPS run (the counters are those of that run).
 #
 # Usage: scripts/bench-merge.sh            (prints markdown on stdout, progress on stderr)
-# Knobs (environment): RUNTIME=8 (s per job)  CASES="rq-none rq-deadline bio"  REPEAT=1
+# Knobs (environment): RUNTIME=8 (s per job)  CASES="rq-none rq-none-nr4 rq-deadline bio"  REPEAT=1
 #                      BACKING=tmpfs|disk (backing file in /dev/shm or under /var/tmp; tmpfs)
 #                      REACTORS=  (stackbd --reactors; default: the daemon's own)
 #                      KEEP=1 keeps the temp dir (fio JSON, stats, logs)
@@ -29,7 +30,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 RUNTIME="${RUNTIME:-8}"
-CASES="${CASES:-rq-none rq-deadline bio}"
+CASES="${CASES:-rq-none rq-none-nr4 rq-deadline bio}"
 BACKING="${BACKING:-tmpfs}"
 REACTORS="${REACTORS:-}"
 REPEAT="${REPEAT:-1}"

@@ -67,7 +67,7 @@ impl Default for QueueOpts {
     }
 }
 
-pub const DEFAULT_NR_REQUESTS: u32 = 16;
+pub const DEFAULT_NR_REQUESTS: u32 = 32;
 /// Largest merged request when the devices set no smaller limit (256 KiB).
 pub const DEFAULT_MAX_REQUEST_SECTORS: u32 = 512;
 /// Bios per request at most.

@@ -472,8 +472,7 @@ fn bad_request_queue_settings_are_refused() {
         "{path}:9: [volume.v]: scheduler: unknown scheduler 'cfq' (known: none, deadline)",
     ]);
     let cfg = format!("{LEAVES}[volume.v]\ntable = \"0 8 zero\"\nnr_requests = 0\n");
-    check(&cfg)
-        .refused(&["{path}:9: [volume.v]: nr_requests: 0 is out of range (1..=4096)"]);
+    check(&cfg).refused(&["{path}:9: [volume.v]: nr_requests: 0 is out of range (1..=4096)"]);
     let cfg = format!("{LEAVES}[volume.v]\ntable = \"0 8 zero\"\nscheduler = 1\n");
     check(&cfg).refused(&[
         "{path}:9: [volume.v]: scheduler: expected \"none\" or \"deadline\", got integer",

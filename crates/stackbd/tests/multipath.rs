@@ -1059,7 +1059,7 @@ fn sequential_writes(mode: Mode) -> (u64, Value) {
     let base = ["queue_if_no_path", "checker_interval_ms", "1000"];
     let (table, keys) = match mode {
         // A small nr_requests, so that bios wait (and merge) whatever the servers' speed: with
-        // the default (16 out at once) merging depends on how loaded the machine is, since a
+        // the default (32 out at once) merging depends on how loaded the machine is, since a
         // request goes out at once while there is room. BENCHMARKS.md measures the default.
         Mode::Rq(sched) => (
             rr_table(&features_with(&base, false)),
