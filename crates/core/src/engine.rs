@@ -558,7 +558,8 @@ impl Engine {
                 e.target.presuspend(opts.noflush);
             }
         }
-        self.reactors.each(move |r| r.suspend(id));
+        let noflush = opts.noflush;
+        self.reactors.each(move |r| r.suspend(id, noflush));
         let drained = match &mut self.reactors {
             Reactors::Inline(r) => {
                 let start = Instant::now();
@@ -852,7 +853,8 @@ impl Engine {
         if depth > crate::bio::MAX_FRAMES {
             return 0;
         }
-        let own = crate::table::SPLIT_FRAME_BYTES.div_ceil(8) * 8;
+        let own = crate::table::SPLIT_FRAME_BYTES.div_ceil(8) * 8
+            + crate::table::VOLUME_FRAME_BYTES.div_ceil(8) * 8;
         own + t
             .entries()
             .iter()

@@ -29,11 +29,20 @@ pub struct SplitCtx {
     _pad: [u8; 7],
 }
 
+/// Context of a volume entry frame: where the bio stood when it entered the volume, so a
+/// pushback can hold it there again as it came (targets and splits move `sector`/`copy_src`).
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct VolumeCtx {
+    sector: u64,
+    copy_src: u64,
+}
+
 impl SplitCtx {
     fn merge(&mut self, s: Status) {
-        if self.status == 0 {
-            self.status = s as u8;
-        }
+        let mut st = Status::from_u8(self.status);
+        st.merge(s);
+        self.status = st as u8;
     }
 }
 
@@ -90,6 +99,9 @@ pub struct ReactorStats {
     pub splits: u64,
     /// Bios held by a suspended volume.
     pub held: u64,
+    /// Bios a target requeued while their volume suspended with `noflush`: sent back up to
+    /// the volume and held there for the next table (counted again in `held`).
+    pub pushed_back: u64,
     /// Bios (or requests) a target put back to be mapped again: no usable path, or failover
     /// after a path error.
     pub requeued: u64,
@@ -114,6 +126,9 @@ pub struct ReactorStats {
 struct VolState {
     table: Option<Arc<Table>>,
     suspended: bool,
+    /// Suspended with `noflush`: I/O a target requeues is pushed back to the volume's hold
+    /// list instead of waiting inside the target, so the suspend drains.
+    noflush: bool,
     inflight: u64,
     held: VecDeque<BioId>,
     /// The request queue of a request-based table.
@@ -366,15 +381,34 @@ impl Reactor {
         }
     }
 
-    /// Holds new I/O for the volume; in-flight I/O goes on and drains.
-    pub fn suspend(&mut self, dev: DevId) {
-        self.vol_mut(dev).suspended = true;
+    /// Holds new I/O for the volume; in-flight I/O goes on and drains. With `noflush`, I/O its
+    /// targets requeue (no usable path) is pushed back and held too, so it survives a table
+    /// swap instead of keeping the suspend from draining.
+    pub fn suspend(&mut self, dev: DevId, noflush: bool) {
+        let v = self.vol_mut(dev);
+        v.suspended = true;
+        v.noflush = noflush;
+        if noflush {
+            for _ in 0..self.requeue.len() {
+                let Some(r) = self.requeue.pop_front() else {
+                    break;
+                };
+                if r.vol == dev {
+                    self.stats.pushed_back += 1;
+                    self.pool.get_mut(r.id).status = Status::Pushback;
+                    self.complete_q.push_back(r.id);
+                } else {
+                    self.requeue.push_back(r);
+                }
+            }
+        }
     }
 
     /// Lets held I/O go, in arrival order.
     pub fn resume(&mut self, dev: DevId) {
         let v = self.vol_mut(dev);
         v.suspended = false;
+        v.noflush = false;
         let held = std::mem::take(&mut v.held);
         self.submit_q.extend(held);
     }
@@ -544,6 +578,17 @@ impl Reactor {
             let Some(r) = self.requeue.pop_front() else {
                 break;
             };
+            let pushback = matches!(
+                self.devs.get(r.vol.0 as usize),
+                Some(Slot::Volume(VolState { noflush: true, .. }))
+            );
+            if pushback {
+                ran += 1;
+                self.stats.pushed_back += 1;
+                self.pool.get_mut(r.id).status = Status::Pushback;
+                self.complete_q.push_back(r.id);
+                continue;
+            }
             if r.due.is_some_and(|d| d > now) {
                 self.requeue.push_back(r);
                 continue;
@@ -898,7 +943,11 @@ impl Reactor {
                     }
                     v.inflight += 1;
                     let bio = pool.get_mut(id);
-                    bio.frames.push(FrameKind::Volume, dev, &(), fallback);
+                    let entry = VolumeCtx {
+                        sector: bio.sector,
+                        copy_src: bio.copy_src,
+                    };
+                    bio.frames.push(FrameKind::Volume, dev, &entry, fallback);
                     let Some(table) = v.table.as_deref() else {
                         bio.status = Status::IoError;
                         complete_q.push_back(id);
@@ -976,9 +1025,31 @@ impl Reactor {
             match bio.frames.peek() {
                 Some(h) => match h.kind {
                     FrameKind::Volume => {
+                        let pushback = bio.status == Status::Pushback;
+                        let entry: VolumeCtx = if pushback {
+                            bio.frames.ctx_at(h.ctx_off)
+                        } else {
+                            VolumeCtx::default()
+                        };
                         bio.frames.pop();
-                        if let Some(Slot::Volume(v)) = devs.get_mut(h.dev.0 as usize) {
-                            v.inflight -= 1;
+                        let Some(Slot::Volume(v)) = devs.get_mut(h.dev.0 as usize) else {
+                            continue;
+                        };
+                        v.inflight -= 1;
+                        if pushback {
+                            // Back as it entered: held for the next table, or (resumed
+                            // meanwhile) mapped again at once.
+                            bio.status = Status::Ok;
+                            bio.dev = h.dev;
+                            bio.sector = entry.sector;
+                            bio.copy_src = entry.copy_src;
+                            if v.suspended {
+                                v.held.push_back(id);
+                                stats.held += 1;
+                            } else {
+                                submit_q.push_back(id);
+                            }
+                            return;
                         }
                     }
                     FrameKind::Split => {
@@ -1109,9 +1180,17 @@ impl Reactor {
                     }
                     None => {
                         let bio = pool.get(id);
+                        debug_assert!(
+                            bio.status != Status::Pushback,
+                            "a pushback always stops at its volume's entry frame"
+                        );
+                        let status = match bio.status {
+                            Status::Pushback => Status::IoError,
+                            s => s,
+                        };
                         done.push_back(Completion {
                             user_data: bio.user_data,
-                            status: bio.status,
+                            status,
                         });
                         pool.free(id, fallback);
                         stats.completed += 1;

@@ -26,10 +26,13 @@ pub enum Status {
     Timeout = 8,
     /// The device or volume is going away.
     Shutdown = 9,
+    /// Internal, never seen by a caller: I/O a target requeued while its volume suspends with
+    /// `noflush` goes back up to that volume and waits there, held, for the next table.
+    Pushback = 10,
 }
 
 impl Status {
-    pub const ALL: [Status; 10] = [
+    pub const ALL: [Status; 11] = [
         Status::Ok,
         Status::IoError,
         Status::Invalid,
@@ -40,6 +43,7 @@ impl Status {
         Status::PathError,
         Status::Timeout,
         Status::Shutdown,
+        Status::Pushback,
     ];
 
     #[inline]
@@ -67,6 +71,7 @@ impl Status {
             Status::PathError => 67,    // ENOLINK
             Status::Timeout => 110,     // ETIMEDOUT
             Status::Shutdown => 108,    // ESHUTDOWN
+            Status::Pushback => 5,      // EIO: never reaches a caller
         }
     }
 
@@ -77,10 +82,11 @@ impl Status {
             .unwrap_or(Status::IoError)
     }
 
-    /// Merge into an accumulated status: the first error wins.
+    /// Merge into an accumulated status: the first error wins, except a pushback, which wins
+    /// over everything (the whole I/O is issued again, errors included).
     #[inline]
     pub fn merge(&mut self, other: Status) {
-        if self.is_ok() {
+        if self.is_ok() || other == Status::Pushback {
             *self = other;
         }
     }
@@ -99,6 +105,7 @@ impl fmt::Display for Status {
             Status::PathError => "path error",
             Status::Timeout => "timed out",
             Status::Shutdown => "device shutting down",
+            Status::Pushback => "pushed back to a suspending volume",
         };
         f.write_str(s)
     }
@@ -116,6 +123,9 @@ mod tests {
         s.merge(Status::IoError);
         s.merge(Status::NoSpace);
         assert_eq!(s, Status::IoError);
+        s.merge(Status::Pushback);
+        s.merge(Status::NoSpace);
+        assert_eq!(s, Status::Pushback, "a pushback wins and stays");
     }
 
     #[test]

@@ -675,6 +675,91 @@ fn no_path_queue_if_no_path_holds_the_write_until_a_path_returns() {
     read_back(&uri, off, 65536, 0xab);
 }
 
+/// What multipathd does when every path is gone and a new one appears: with writes queued
+/// (queue_if_no_path), `suspend --noflush` succeeds at once and keeps them (pushed back to the
+/// volume, held), a table over the new path is loaded, and `resume` completes them through it.
+/// The old servers stay dead throughout.
+#[test]
+fn noflush_suspend_and_a_new_table_complete_queued_writes() {
+    for bio in [false, true] {
+        let mut rig = Rig::new();
+        rig.serve(&[], &[]);
+        rig.serve(&[], &[]);
+        rig.serve(&[], &[]); // p2: in the config, not in the first table
+        let base = ["queue_if_no_path", "checker_interval_ms", "200"];
+        let (d, _cfg) = rig.daemon(&rr_table(&features_with(&base, bio)));
+        let uri = d.uri("mp");
+        let what = if bio {
+            "queue_mode bio"
+        } else {
+            "request-based"
+        };
+        let writes = [(8 * MIB, 0xa1u8), (12 * MIB - 4096, 0xa2)];
+        let mut ws: Vec<Writer> = writes
+            .iter()
+            .enumerate()
+            .map(|(i, &(off, byte))| {
+                Writer::start(&uri, rig.dir.path(), &format!("nf{i}"), off, byte, 65536)
+            })
+            .collect();
+        rig.servers[0].kill();
+        rig.servers[1].kill();
+        ws.iter().for_each(|w| {
+            w.go();
+        });
+        wait_path(&d, "p0", "F", Duration::from_secs(5));
+        wait_path(&d, "p1", "F", Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(300));
+        for w in &ws {
+            assert_eq!(w.result(), None, "{what}: a write completed with no path");
+        }
+
+        let t0 = Instant::now();
+        cli_ok(&d, &["suspend", "mp", "--noflush", "--no-deadline"]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{what}: suspend --noflush waited {:?} for queued I/O",
+            t0.elapsed()
+        );
+        let info = cli_ok(&d, &["info", "mp"]);
+        assert!(info.to_lowercase().contains("suspended"), "{what}: {info}");
+        let new_table = mp_table(
+            &features_with(&base, bio),
+            &[group("round-robin", &["1"], &["p2"])],
+        );
+        cli_ok(&d, &["load", "mp", "--table", &new_table]);
+        std::thread::sleep(Duration::from_millis(200));
+        for w in &ws {
+            assert_eq!(
+                w.result(),
+                None,
+                "{what}: a held write completed while suspended"
+            );
+        }
+        cli_ok(&d, &["resume", "mp"]);
+        for (w, &(off, byte)) in ws.iter_mut().zip(&writes) {
+            let (r, secs) = w.wait(Duration::from_secs(10));
+            assert_eq!(
+                r,
+                "ok",
+                "{what}: a held write failed\n{}",
+                rig.server_output()
+            );
+            eprintln!("{what}: write at {off} done {secs:.3} s after it was issued");
+            assert!(
+                rig.disk_bytes(off, 65536).iter().all(|&b| b == byte),
+                "{what}: the write at {off} is not on the disk"
+            );
+            read_back(&uri, off, 65536, byte);
+        }
+        let (st, text) = mp_status(&d);
+        assert_eq!(st.keys().collect::<Vec<_>>(), ["p2"], "{text}");
+        assert_eq!(st["p2"].state, "A", "{text}");
+        let totals = stats_totals(&d);
+        assert!(total(&totals, "pushed_back") >= 2, "{what}: {totals}");
+    }
+}
+
 /// no_path_retry 3 with a 200 ms checker: with both servers dead a write fails with EIO after
 /// about 3 checker intervals (0.6 s), not at once and not much later; a server back, writes
 /// work again.

@@ -883,6 +883,111 @@ fn flushing_suspend_fails_queued_io_and_resume_queues_again() {
     r.e.remove("sus", false).unwrap();
 }
 
+/// A table of two multipath targets, each over half of the volume, both on `path`: I/O that
+/// crosses the middle is split into pieces, one per target.
+fn two_halves(mode: &str, path: &str) -> String {
+    let half = SECTORS / 2;
+    (0..2)
+        .map(|i| {
+            format!(
+                "{} {half} multipath 5 queue_if_no_path queue_mode {mode} {NO_CHECKER} \
+                 0 1 1 round-robin 0 1 1 {path} 1\n",
+                i * half
+            )
+        })
+        .collect()
+}
+
+const NOFLUSH: SuspendOpts = SuspendOpts {
+    noflush: true,
+    deadline: None,
+    drain_timeout: Duration::from_secs(5),
+};
+
+#[test]
+fn noflush_suspend_holds_queued_io_across_a_table_swap() {
+    for mode in ["rq", "bio"] {
+        let mut r = Rig::new(2);
+        let name = format!("nf-{mode}");
+        let vol = r.e.create(&name, Some(&two_halves(mode, "p0"))).unwrap();
+        r.ctl[0].down();
+        let half = SECTORS / 2;
+        // One write in each half, and one across the middle (split into two pieces).
+        let writes = [(8, 0x11u8), (half - 4, 0x22), (half + 16, 0x33)];
+        let tags: Vec<u64> = writes
+            .iter()
+            .map(|&(sector, fill)| r.submit_write(vol, sector, fill))
+            .collect();
+        r.stays_pending(tags[0], Duration::from_millis(60));
+        // Without noflush the queued writes would fail; without pushback this suspend would
+        // wait for them and give up after its drain timeout.
+        let t0 = Instant::now();
+        r.e.suspend(&name, NOFLUSH).unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{mode}: {:?}",
+            t0.elapsed()
+        );
+        assert!(r.e.info(&name).unwrap().suspended);
+        for &t in &tags {
+            r.stays_pending(t, Duration::from_millis(20));
+        }
+        assert_eq!(r.e.reactor().held(vol), 3, "{mode}: held as they came");
+        assert!(r.e.reactor().stats.pushed_back >= 3, "{mode}");
+        // A new table over a working path: the held writes complete through it.
+        let p1_before = r.ctl[1].writes.load(SeqCst);
+        r.e.load(&name, &two_halves(mode, "p1")).unwrap();
+        r.e.resume(&name).unwrap();
+        for &t in &tags {
+            assert_eq!(
+                r.wait(t, Duration::from_secs(2)),
+                Some(Status::Ok),
+                "{mode}: write {t}"
+            );
+        }
+        assert!(r.ctl[1].writes.load(SeqCst) >= p1_before + 4, "{mode}");
+        for &(sector, fill) in &writes {
+            let (s, buf) = r.read(vol, sector);
+            assert_eq!(s, Status::Ok);
+            assert!(
+                buf.iter().all(|&b| b == fill),
+                "{mode}: sector {sector} lost its data"
+            );
+        }
+        // The old path saw the attempts only: nothing reached it after the swap.
+        let p0 = r.ctl[0].writes.load(SeqCst);
+        assert_eq!(r.write(vol, 0, 9), Status::Ok);
+        assert_eq!(r.ctl[0].writes.load(SeqCst), p0);
+        r.e.remove(&name, false).unwrap();
+    }
+}
+
+#[test]
+fn noflush_suspend_then_resume_on_the_same_table_queues_again() {
+    for mode in ["rq", "bio"] {
+        let mut r = Rig::new(1);
+        let name = format!("nfs-{mode}");
+        let vol = r.e.create(&name, Some(&two_halves(mode, "p0"))).unwrap();
+        r.ctl[0].down();
+        let a = r.submit_write(vol, SECTORS / 2 - 4, 0x5c);
+        r.stays_pending(a, Duration::from_millis(40));
+        r.e.suspend(&name, NOFLUSH).unwrap();
+        r.stays_pending(a, Duration::from_millis(20));
+        r.e.resume(&name).unwrap();
+        // Back in the same target: queued again, not failed.
+        r.stays_pending(a, Duration::from_millis(60));
+        r.ctl[0].up();
+        for line in 0..2 {
+            r.e.message(&name, line * (SECTORS / 2), &["reinstate_path", "p0"])
+                .unwrap();
+        }
+        assert_eq!(r.wait(a, Duration::from_secs(2)), Some(Status::Ok));
+        let (s, buf) = r.read(vol, SECTORS / 2 - 4);
+        assert_eq!(s, Status::Ok);
+        assert!(buf.iter().all(|&b| b == 0x5c), "{mode}");
+    }
+}
+
 #[test]
 fn nowait_io_with_no_path_gets_again_instead_of_queueing() {
     let mut r = Rig::new(1);

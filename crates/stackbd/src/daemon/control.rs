@@ -949,6 +949,7 @@ fn stats(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
                     "refused": s.refused,
                     "splits": s.splits,
                     "held": s.held,
+                    "pushed_back": s.pushed_back,
                     "pool_allocs": p.allocs,
                     "pool_exhausted": p.exhausted,
                     "pool_grown": p.grown,
