@@ -10,8 +10,11 @@
 //! Errors: an error reply is a target error (`EIO` -> `IoError`, `ENOSPC` -> `NoSpace`,
 //! `EINVAL`/`EPERM` -> `Invalid`, `ENOTSUP` -> `NotSupported`). A lost connection (EOF, reset,
 //! protocol violation) fails every bio in flight on it with `PathError`, a request older than the
-//! timeout with `Timeout`; the connection then reconnects from `poll`/`submit` with exponential
-//! backoff (10 ms .. 2 s). While no connection is up, new bios fail at once with `PathError`.
+//! timeout with `Timeout`; the connection then reconnects with exponential backoff (10 ms ..
+//! 2 s). A reconnect never runs on the reactor: `poll`/`submit` hand it to a connector thread
+//! (name lookup, connect and handshake, bounded as a whole by the leaf's timeout) and adopt the
+//! finished connection on a later round. While no connection is up, new bios wait for an
+//! attempt in flight for at most 200 ms, and otherwise fail at once with `PathError`.
 //! Connects and handshakes are bounded as a whole by their budget (a unix listener that stopped
 //! accepting included), not per system call.
 //!
@@ -39,6 +42,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,8 +54,9 @@ const DEFAULT_PORT: u16 = 10809;
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// A reconnect from the data path may block the reactor this long at most.
-const RECONNECT_BUDGET: Duration = Duration::from_millis(200);
+/// While no connection is up, a bio waits this long at most for a reconnect in flight before it
+/// fails with a path error (the attempt itself goes on, up to the leaf's timeout).
+const RECONNECT_WAIT: Duration = Duration::from_millis(200);
 /// Receive staging buffer per connection.
 const RX_BYTES: usize = 64 * 1024;
 /// At most this many iovecs per `writev`.
@@ -336,6 +341,18 @@ fn open(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInfo)> {
     s.set_timeouts(None)?;
     s.set_nonblocking(true)?;
     Ok((s, info))
+}
+
+/// [`open`] for a data connection: the export must still have the size the leaf was made with.
+fn open_checked(sh: &Shared, timeout: Duration) -> io::Result<Stream> {
+    let (s, info) = open(&sh.uri, timeout)?;
+    if info.size != sh.info.size {
+        return Err(protocol(format!(
+            "export size changed from {} to {}",
+            sh.info.size, info.size
+        )));
+    }
+    Ok(s)
 }
 
 fn read_vec(s: &mut Stream, n: usize, deadline: Instant) -> io::Result<Vec<u8>> {
@@ -687,8 +704,17 @@ fn read_into(stream: &mut Stream, d: &DataBuf, off: usize) -> io::Result<usize> 
 
 enum ConnState {
     Up(Stream),
-    Down { next_attempt: Instant },
+    /// A connector thread is opening it (lookup, connect, handshake), off the reactor.
+    Connecting {
+        since: Instant,
+    },
+    Down {
+        next_attempt: Instant,
+    },
 }
+
+/// What a connector thread hands back: the connection index and the transmission-phase stream.
+type Connected = (usize, io::Result<Stream>);
 
 struct Conn {
     state: ConnState,
@@ -714,7 +740,7 @@ impl Conn {
     fn fd(&self) -> Option<RawFd> {
         match &self.state {
             ConnState::Up(s) => Some(s.fd()),
-            ConnState::Down { .. } => None,
+            ConnState::Connecting { .. } | ConnState::Down { .. } => None,
         }
     }
 
@@ -803,6 +829,9 @@ struct NbdChannel {
     completed: usize,
     /// The leaf's probe epoch as of the last time this channel looked (or lost a connection).
     seen_epoch: u64,
+    /// Connections opened by connector threads, adopted by `reconnect_due`.
+    connected_tx: Sender<Connected>,
+    connected_rx: Receiver<Connected>,
 }
 
 impl NbdChannel {
@@ -843,7 +872,10 @@ impl NbdChannel {
         } else {
             None
         };
+        let (connected_tx, connected_rx) = channel();
         let mut ch = NbdChannel {
+            connected_tx,
+            connected_rx,
             depth,
             slots,
             conns,
@@ -855,23 +887,34 @@ impl NbdChannel {
             seen_epoch: sh.epoch.load(Ordering::Relaxed),
             sh,
         };
-        // First connections at creation (setup time); failures retry from the data path.
+        // First connections at creation (setup time, not on a reactor); failures retry from the
+        // data path, through connector threads.
         for c in 0..ch.conns.len() {
-            ch.try_connect(c, ch.sh.opts.timeout);
+            let res = open_checked(&ch.sh, ch.sh.opts.timeout);
+            ch.adopt(c, res);
         }
         ch
     }
 
-    fn try_connect(&mut self, c: usize, budget: Duration) {
-        let res = open(&self.sh.uri, budget).and_then(|(s, info)| {
-            if info.size != self.sh.info.size {
-                return Err(protocol(format!(
-                    "export size changed from {} to {}",
-                    self.sh.info.size, info.size
-                )));
-            }
-            Ok(s)
-        });
+    /// Starts a reconnect on a connector thread; its result comes back through `connected_rx`.
+    fn start_connect(&mut self, c: usize, now: Instant) {
+        let sh = self.sh.clone();
+        let tx = self.connected_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-connect".into())
+            .spawn(move || {
+                let res = open_checked(&sh, sh.opts.timeout);
+                // The channel may be gone by now: the stream then just closes.
+                let _ = tx.send((c, res));
+            });
+        match spawned {
+            Ok(_) => self.conns[c].state = ConnState::Connecting { since: now },
+            Err(e) => self.adopt(c, Err(e)),
+        }
+    }
+
+    /// Takes a finished connection attempt: up, or down with a doubled backoff.
+    fn adopt(&mut self, c: usize, res: io::Result<Stream>) {
         let conn = &mut self.conns[c];
         bump(if res.is_ok() {
             &self.sh.counters.connects
@@ -914,12 +957,37 @@ impl NbdChannel {
                 }
             }
         }
+        while let Ok((c, res)) = self.connected_rx.try_recv() {
+            self.adopt(c, res);
+        }
         for c in 0..self.conns.len() {
             if let ConnState::Down { next_attempt } = self.conns[c].state {
                 if now >= next_attempt {
-                    self.try_connect(c, RECONNECT_BUDGET.min(self.sh.opts.timeout));
+                    self.start_connect(c, now);
                 }
             }
+        }
+    }
+
+    /// True while a reconnect started less than [`RECONNECT_WAIT`] ago is in flight: bios
+    /// wait for it in the backlog rather than fail.
+    fn reconnect_pending(&self, now: Instant) -> bool {
+        self.conns.iter().any(|c| match c.state {
+            ConnState::Connecting { since } => now.duration_since(since) < RECONNECT_WAIT,
+            _ => false,
+        })
+    }
+
+    /// With no connection up and no reconnect worth waiting for, the backlog fails with path
+    /// errors (a multipath above fails the path and goes elsewhere).
+    fn fail_stranded_backlog(&mut self, cx: &mut LeafCx<'_>, now: Instant) {
+        if self.backlog.is_empty() || self.conns.iter().any(Conn::up) || self.reconnect_pending(now)
+        {
+            return;
+        }
+        while let Some(id) = self.backlog.pop_front() {
+            cx.complete(id, Status::PathError);
+            self.completed += 1;
         }
     }
 
@@ -960,12 +1028,7 @@ impl NbdChannel {
             self.completed += 1;
             conn.free.push(i);
         }
-        if !self.conns.iter().any(Conn::up) {
-            while let Some(id) = self.backlog.pop_front() {
-                cx.complete(id, Status::PathError);
-                self.completed += 1;
-            }
-        }
+        self.fail_stranded_backlog(cx, now);
     }
 
     /// Picks a connected connection with a free slot; `Err(true)` if some are up but full.
@@ -1232,6 +1295,7 @@ impl LeafChannel for NbdChannel {
                 match self.pick() {
                     Ok(c) => self.start(cx, id, c, now),
                     Err(true) => self.backlog.push_back(id),
+                    Err(false) if self.reconnect_pending(now) => self.backlog.push_back(id),
                     Err(false) => cx.complete(id, Status::PathError),
                 }
             }
@@ -1255,6 +1319,7 @@ impl LeafChannel for NbdChannel {
         }
         if self.conns.iter().any(|c| !c.up()) {
             self.reconnect_due(now);
+            self.fail_stranded_backlog(cx, now);
         }
         if now >= self.next_timeout_check {
             self.check_timeouts(cx, now);

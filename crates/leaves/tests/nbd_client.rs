@@ -436,3 +436,99 @@ fn interrupt_waits_sleep_on_the_sockets() {
         e.close_volume(h);
     }
 }
+
+/// A reconnect runs on a connector thread, never on the reactor: while the server's socket
+/// accepts connections and never answers the handshake (each attempt hangs until the leaf's
+/// 2 s timeout), a RAM volume on the same reactor keeps completing I/O without a stall, and a
+/// bio for the NBD volume waits for the attempt briefly, then fails with a path error.
+#[test]
+fn reconnects_never_block_the_reactor() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("h");
+    let mut s = Server::nbdkit(&sock, &["memory", "16M"]);
+    let o = NbdOptions {
+        timeout: Duration::from_secs(2),
+        ..opts(1, 4)
+    };
+    let leaf = NbdLeaf::connect(&s.uri(""), o).unwrap();
+    let mut e = engine();
+    e.add_leaf("n", Arc::new(leaf.clone())).unwrap();
+    let v = e.create("v", Some("0 32768 linear n 0")).unwrap();
+    e.add_leaf(
+        "m",
+        Arc::new(stackbd_leaves::mem::MemLeaf::new(16 * MIB).unwrap()),
+    )
+    .unwrap();
+    let w = e.create("w", Some("0 32768 linear m 0")).unwrap();
+    let data = vec![0x6du8; 4096];
+    assert_eq!(e.write_at(v, 0, &data), Status::Ok);
+
+    // The server is replaced by a listener that accepts (the kernel queues the connection)
+    // and never speaks; a thread takes the connections and holds them.
+    s.kill();
+    std::fs::remove_file(&sock).unwrap();
+    let silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = silent.accept() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` outlives the read, which is reaped below before the test ends.
+    let d = unsafe { DataBuf::from_slice(&mut buf) };
+    e.submit(&Request::new(Op::Read, v, 0, 8, d, 77)).unwrap();
+    let mut buf2 = vec![0u8; 4096];
+    // SAFETY: as above.
+    let d2 = unsafe { DataBuf::from_slice(&mut buf2) };
+    let mut second: Option<Instant> = None;
+    let mut nbd_status = Vec::new();
+    let (mut slow, mut worst, mut n) = (0, Duration::ZERO, 0u64);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        if second.is_none() && t0.elapsed() > Duration::from_millis(300) {
+            // Issued while reconnects are being tried: it waits for one, then fails.
+            e.submit(&Request::new(Op::Read, v, 8, 8, d2, 78)).unwrap();
+            second = Some(Instant::now());
+        }
+        let t = Instant::now();
+        assert_eq!(e.write_at(w, (n % 64) * 8, &data), Status::Ok);
+        let took = t.elapsed();
+        worst = worst.max(took);
+        if took > Duration::from_millis(150) {
+            slow += 1;
+        }
+        n += 1;
+        while let Some(c) = e.reap() {
+            let since = if c.user_data == 77 {
+                t0
+            } else {
+                second.unwrap()
+            };
+            nbd_status.push((c.user_data, c.status, since.elapsed()));
+        }
+    }
+    eprintln!("{n} RAM writes during reconnects, worst {worst:?}; nbd read: {nbd_status:?}");
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "no reconnect was attempted"
+    );
+    // A reconnect on the reactor would stall it for the attempt (200 ms and more) each time.
+    assert!(
+        slow <= 1,
+        "{slow} RAM writes took over 150 ms (worst {worst:?})"
+    );
+    nbd_status.sort_by_key(|x| x.0);
+    assert_eq!(
+        nbd_status.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+        [(77, Status::PathError), (78, Status::PathError)],
+        "{nbd_status:?}"
+    );
+    for &(tag, _, at) in &nbd_status {
+        assert!(at < Duration::from_secs(1), "NBD read {tag} waited {at:?}");
+    }
+}

@@ -32,6 +32,10 @@ struct Ctl {
     io_fail: AtomicBool,
     /// `probe` answers an error.
     probe_fail: AtomicBool,
+    /// `probe` hangs until its timeout, then answers an error (a server that does not answer).
+    probe_hang: AtomicBool,
+    /// When each probe started and ended.
+    probes: Mutex<Vec<(Instant, Instant)>>,
     /// I/O is held until this is cleared (then `poll` completes it).
     hold: AtomicBool,
     reads: AtomicU64,
@@ -92,12 +96,22 @@ impl Leaf for PathLeaf {
         })
     }
 
-    fn probe(&self, _timeout: Duration) -> Result<(), String> {
-        if self.ctl.probe_fail.load(SeqCst) {
+    fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        let r = if self.ctl.probe_hang.load(SeqCst) {
+            std::thread::sleep(timeout);
+            Err(format!("no answer within {timeout:?}"))
+        } else if self.ctl.probe_fail.load(SeqCst) {
             Err("no answer".into())
         } else {
             Ok(())
-        }
+        };
+        self.ctl
+            .probes
+            .lock()
+            .unwrap()
+            .push((start, Instant::now()));
+        r
     }
 }
 
@@ -758,6 +772,38 @@ fn checker_fails_a_path_whose_probe_fails() {
         "{}",
         r.status("cf")
     );
+}
+
+/// Probes run side by side: two paths whose servers hang until the probe timeout are probed
+/// at the same time, so they do not hold up the verdict on each other (or on a third path).
+#[test]
+fn checker_probes_paths_side_by_side() {
+    let mut r = Rig::new(3);
+    let vol = r.create(
+        "par",
+        "2 checker_interval_ms 300 0 1 1 round-robin 0 3 1 p0 1 p1 1 p2 1",
+    );
+    r.ctl[0].probe_hang.store(true, SeqCst);
+    r.ctl[1].probe_hang.store(true, SeqCst);
+    assert!(
+        r.eventually(Duration::from_secs(5), |r| {
+            let st = r.status("par");
+            st.contains("p0 F 1") && st.contains("p1 F 1")
+        }),
+        "{}",
+        r.status("par")
+    );
+    let (a, b) = (
+        r.ctl[0].probes.lock().unwrap().clone(),
+        r.ctl[1].probes.lock().unwrap().clone(),
+    );
+    assert!(
+        a.iter().any(|x| b.iter().any(|y| x.0 < y.1 && y.0 < x.1)),
+        "the two hanging probes never overlapped: {a:?} / {b:?}"
+    );
+    assert!(r.status("par").contains("p2 A 0"), "{}", r.status("par"));
+    assert_eq!(r.write(vol, 0, 3), Status::Ok);
+    assert_eq!(r.ctl[2].writes.load(SeqCst), 1);
 }
 
 #[test]

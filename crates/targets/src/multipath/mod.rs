@@ -714,15 +714,40 @@ impl Shared {
     }
 
     /// One round of the path checker: probe every leaf path, fail the ones that do not answer
-    /// and reinstate the ones that do; then the no_path_retry clock.
+    /// and reinstate the ones that do; then the no_path_retry clock. The probes run side by
+    /// side, one thread each, so a round takes one probe timeout however many paths hang.
     fn check_paths(&self, timeout: Duration) {
-        for i in 0..self.paths.len() {
+        let results: Vec<Option<Result<(), String>>> = std::thread::scope(|sc| {
+            let running: Vec<_> = self
+                .paths
+                .iter()
+                .map(|p| {
+                    let leaf = p.leaf.as_deref()?;
+                    let spawned = std::thread::Builder::new()
+                        .name("mp-probe".into())
+                        .spawn_scoped(sc, move || leaf.probe(timeout));
+                    // No thread to be had: probe from this one.
+                    Some(spawned.map_err(|_| leaf.probe(timeout)))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|r| {
+                    r.map(|r| match r {
+                        Ok(h) => h
+                            .join()
+                            .unwrap_or_else(|_| Err("the probe panicked".into())),
+                        Err(inline) => inline,
+                    })
+                })
+                .collect()
+        });
+        for (i, r) in results.into_iter().enumerate() {
             if self.stopping() {
                 return;
             }
             let p = &self.paths[i];
-            let Some(leaf) = &p.leaf else { continue };
-            let r = leaf.probe(timeout);
+            let Some(r) = r else { continue };
             let _g = lock(&self.ctl);
             match r {
                 Ok(()) => {
