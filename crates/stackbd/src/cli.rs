@@ -64,7 +64,8 @@ pub enum Verb {
     /// with a warning in the daemon's log.
     Suspend {
         name: String,
-        /// Keep I/O queued inside targets (multipath) instead of flushing it out first.
+        /// Keep I/O that waits for a path (multipath queue_if_no_path) instead of failing it: it
+        /// is held by the volume and goes on after resume, through a new table if one was loaded.
         #[arg(long)]
         noflush: bool,
         /// Resume by itself after SECS seconds, with a warning in the daemon's log.
