@@ -29,6 +29,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+. "$ROOT/scripts/bench-lib.sh"
 RUNTIME="${RUNTIME:-8}"
 CASES="${CASES:-rq-none rq-none-nr4 rq-deadline bio}"
 BACKING="${BACKING:-tmpfs}"
@@ -55,14 +56,7 @@ PIDS=()
 
 # Ends only the processes this script started, by PID.
 cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    end_pids "${PIDS[@]}"
     rm -rf "$IMGDIR"
     if [ "${KEEP:-0}" = 1 ]; then echo "bench-merge: kept $TMP" >&2; else rm -rf "$TMP"; fi
 }

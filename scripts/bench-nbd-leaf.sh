@@ -17,6 +17,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+. "$ROOT/scripts/bench-lib.sh"
 RUNTIME="${RUNTIME:-6}"
 REPEAT="${REPEAT:-3}"
 CASES=(fio-libnbd stackbd-leaf stackbd-poll)
@@ -29,14 +30,7 @@ TMP="$(mktemp -d /tmp/bench-nbd-leaf.XXXXXX)"
 PIDS=()
 # Ends only the processes this script started, by PID.
 cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    end_pids "${PIDS[@]}"
     if [ "${KEEP:-0}" = 1 ]; then echo "bench-nbd-leaf: kept $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT

@@ -28,6 +28,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+. "$ROOT/scripts/bench-lib.sh"
 RUNTIME="${RUNTIME:-8}"
 TRANSPORTS="${TRANSPORTS:-unix tcp}"
 SERVERS="${SERVERS:-stackbd nbdkit qemu-nbd}"
@@ -48,14 +49,7 @@ SHM="$(mktemp -d /dev/shm/bench-nbd.XXXXXX)"
 SERVER_PIDS=()
 
 cleanup() {
-    local pid
-    for pid in "${SERVER_PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    end_pids "${SERVER_PIDS[@]}"
     rm -rf "$SHM"
     if [ "${KEEP:-0}" = 1 ]; then echo "bench-nbd: kept $TMP" >&2; else rm -rf "$TMP"; fi
 }
