@@ -11,10 +11,12 @@
 //! `EINVAL`/`EPERM` -> `Invalid`, `ENOTSUP` -> `NotSupported`). A lost connection (EOF, reset,
 //! protocol violation) fails every bio in flight on it with `PathError`, a request older than the
 //! timeout with `Timeout`; the connection then reconnects with exponential backoff (10 ms ..
-//! 2 s). A reconnect never runs on the reactor: `poll`/`submit` hand it to a connector thread
-//! (name lookup, connect and handshake, bounded as a whole by the leaf's timeout) and adopt the
-//! finished connection on a later round. While no connection is up, new bios wait for an
-//! attempt in flight for at most 200 ms, and otherwise fail at once with `PathError`.
+//! 2 s). No connect ever runs on the reactor, the first ones included: `poll`/`submit` hand it
+//! to a connector thread (name lookup, connect and handshake; connect and handshake bounded as
+//! a whole by the leaf's timeout, and an attempt silent for 1 s past it is given up) and adopt
+//! the finished connection on a later round. While no connection is up, new bios wait for an
+//! attempt in flight for at most 200 ms (`NOWAIT` bios get `Again`), and otherwise fail at
+//! once with `PathError`.
 //! Connects and handshakes are bounded as a whole by their budget (a unix listener that stopped
 //! accepting included), not per system call.
 //!
@@ -713,12 +715,19 @@ enum ConnState {
     },
 }
 
-/// What a connector thread hands back: the connection index and the transmission-phase stream.
-type Connected = (usize, io::Result<Stream>);
+/// What a connector thread hands back: the connection index, the attempt number, and the
+/// transmission-phase stream.
+type Connected = (usize, u64, io::Result<Stream>);
+
+/// A connection attempt that has not reported back this long after the leaf's timeout (a name
+/// lookup that hangs) is given up; its late result, if any, is dropped.
+const CONNECT_GRACE: Duration = Duration::from_secs(1);
 
 struct Conn {
     state: ConnState,
     backoff: Duration,
+    /// Number of the latest connection attempt: a result for an older one is stale.
+    attempt: u64,
     /// First slot index owned by this connection.
     base: u32,
     free: Vec<u32>,
@@ -857,6 +866,7 @@ impl NbdChannel {
             .map(|c| Conn {
                 state: ConnState::Down { next_attempt: now },
                 backoff: BACKOFF_MIN,
+                attempt: 0,
                 base: c * depth,
                 free: (c * depth..(c + 1) * depth).rev().collect(),
                 sendq: VecDeque::with_capacity(depth as usize),
@@ -887,11 +897,10 @@ impl NbdChannel {
             seen_epoch: sh.epoch.load(Ordering::Relaxed),
             sh,
         };
-        // First connections at creation (setup time, not on a reactor); failures retry from the
-        // data path, through connector threads.
+        // Channels are made on their reactor: even the first connections are opened by
+        // connector threads. Bios that come before them wait (up to `RECONNECT_WAIT`).
         for c in 0..ch.conns.len() {
-            let res = open_checked(&ch.sh, ch.sh.opts.timeout);
-            ch.adopt(c, res);
+            ch.start_connect(c, now);
         }
         ch
     }
@@ -900,12 +909,15 @@ impl NbdChannel {
     fn start_connect(&mut self, c: usize, now: Instant) {
         let sh = self.sh.clone();
         let tx = self.connected_tx.clone();
+        self.conns[c].attempt += 1;
+        let attempt = self.conns[c].attempt;
         let spawned = std::thread::Builder::new()
             .name("nbd-connect".into())
             .spawn(move || {
-                let res = open_checked(&sh, sh.opts.timeout);
+                let res = std::panic::catch_unwind(|| open_checked(&sh, sh.opts.timeout))
+                    .unwrap_or_else(|_| Err(io::Error::other("the connector panicked")));
                 // The channel may be gone by now: the stream then just closes.
-                let _ = tx.send((c, res));
+                let _ = tx.send((c, attempt, res));
             });
         match spawned {
             Ok(_) => self.conns[c].state = ConnState::Connecting { since: now },
@@ -957,14 +969,23 @@ impl NbdChannel {
                 }
             }
         }
-        while let Ok((c, res)) = self.connected_rx.try_recv() {
-            self.adopt(c, res);
+        while let Ok((c, attempt, res)) = self.connected_rx.try_recv() {
+            let conn = &self.conns[c];
+            if matches!(conn.state, ConnState::Connecting { .. }) && conn.attempt == attempt {
+                self.adopt(c, res);
+            }
         }
+        let give_up = self.sh.opts.timeout + CONNECT_GRACE;
         for c in 0..self.conns.len() {
-            if let ConnState::Down { next_attempt } = self.conns[c].state {
-                if now >= next_attempt {
+            match self.conns[c].state {
+                ConnState::Down { next_attempt } if now >= next_attempt => {
                     self.start_connect(c, now);
                 }
+                ConnState::Connecting { since } if now.duration_since(since) > give_up => {
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect did not report back");
+                    self.adopt(c, Err(e));
+                }
+                _ => {}
             }
         }
     }
@@ -1295,7 +1316,14 @@ impl LeafChannel for NbdChannel {
                 match self.pick() {
                     Ok(c) => self.start(cx, id, c, now),
                     Err(true) => self.backlog.push_back(id),
-                    Err(false) if self.reconnect_pending(now) => self.backlog.push_back(id),
+                    Err(false) if self.reconnect_pending(now) => {
+                        if cx.bio(id).flags.contains(BioFlags::NOWAIT) {
+                            // It would have to wait for the connection.
+                            cx.complete(id, Status::Again);
+                        } else {
+                            self.backlog.push_back(id);
+                        }
+                    }
                     Err(false) => cx.complete(id, Status::PathError),
                 }
             }

@@ -532,3 +532,44 @@ fn reconnects_never_block_the_reactor() {
         assert!(at < Duration::from_secs(1), "NBD read {tag} waited {at:?}");
     }
 }
+
+/// Even a channel's first connections are opened off the reactor: adding the leaf to an engine
+/// while its server accepts and never answers returns at once (it used to wait out the
+/// handshake timeout on every reactor), I/O fails with path errors, and once a real server is
+/// back on the socket the channel connects and I/O works.
+#[test]
+fn first_connections_do_not_hold_up_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("f");
+    let mut s = Server::nbdkit(&sock, &["memory", "16M"]);
+    let o = NbdOptions {
+        timeout: Duration::from_secs(3),
+        ..opts(2, 4)
+    };
+    let leaf = NbdLeaf::connect(&s.uri(""), o).unwrap();
+    s.kill();
+    std::fs::remove_file(&sock).unwrap();
+    let silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+
+    let mut e = engine();
+    let t = Instant::now();
+    e.add_leaf("n", Arc::new(leaf.clone())).unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(1500), "add_leaf took {took:?}");
+    let v = e.create("v", Some("0 32768 linear n 0")).unwrap();
+    let data = vec![0x4eu8; 4096];
+    assert_eq!(e.write_at(v, 0, &data), Status::PathError);
+
+    // A real server again: the hung attempts time out, a later one connects.
+    drop(silent);
+    std::fs::remove_file(&sock).unwrap();
+    let _s2 = Server::nbdkit(&sock, &["memory", "16M"]);
+    let t = Instant::now();
+    while e.write_at(v, 0, &data) != Status::Ok {
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", leaf.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut back = vec![0u8; 4096];
+    assert_eq!(e.read_at(v, 0, &mut back), Status::Ok);
+    assert!(back == data);
+}

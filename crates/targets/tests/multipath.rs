@@ -775,23 +775,30 @@ fn checker_fails_a_path_whose_probe_fails() {
 }
 
 /// Probes run side by side: two paths whose servers hang until the probe timeout are probed
-/// at the same time, so they do not hold up the verdict on each other (or on a third path).
+/// at the same time, and a path refused at once is failed at once, not after the hanging ones.
 #[test]
 fn checker_probes_paths_side_by_side() {
-    let mut r = Rig::new(3);
+    let mut r = Rig::new(4);
     let vol = r.create(
         "par",
-        "2 checker_interval_ms 300 0 1 1 round-robin 0 3 1 p0 1 p1 1 p2 1",
+        "2 checker_interval_ms 300 0 1 1 round-robin 0 4 1 p0 1 p1 1 p2 1 p3 1",
     );
     r.ctl[0].probe_hang.store(true, SeqCst);
     r.ctl[1].probe_hang.store(true, SeqCst);
+    r.ctl[2].probe_fail.store(true, SeqCst);
+    let mut early = false;
     assert!(
         r.eventually(Duration::from_secs(5), |r| {
             let st = r.status("par");
-            st.contains("p0 F 1") && st.contains("p1 F 1")
+            early |= st.contains("p2 F 1") && st.contains("p0 A 0");
+            st.contains("p0 F 1") && st.contains("p1 F 1") && st.contains("p2 F 1")
         }),
         "{}",
         r.status("par")
+    );
+    assert!(
+        early,
+        "the refused path was failed only with the hanging ones"
     );
     let (a, b) = (
         r.ctl[0].probes.lock().unwrap().clone(),
@@ -801,9 +808,9 @@ fn checker_probes_paths_side_by_side() {
         a.iter().any(|x| b.iter().any(|y| x.0 < y.1 && y.0 < x.1)),
         "the two hanging probes never overlapped: {a:?} / {b:?}"
     );
-    assert!(r.status("par").contains("p2 A 0"), "{}", r.status("par"));
+    assert!(r.status("par").contains("p3 A 0"), "{}", r.status("par"));
     assert_eq!(r.write(vol, 0, 3), Status::Ok);
-    assert_eq!(r.ctl[2].writes.load(SeqCst), 1);
+    assert_eq!(r.ctl[3].writes.load(SeqCst), 1);
 }
 
 #[test]

@@ -713,54 +713,57 @@ impl Shared {
         *lock(&self.stop)
     }
 
+    /// A probe's verdict on path `i`: reinstate it if it answers, fail it if not.
+    fn apply_probe(&self, i: usize, r: Result<(), String>) {
+        let p = &self.paths[i];
+        let _g = lock(&self.ctl);
+        match r {
+            Ok(()) => {
+                if !p.active.load(Relaxed) {
+                    self.reinstate_path(i, "path checker: the device answers");
+                }
+            }
+            Err(e) => {
+                if p.active.load(Relaxed) {
+                    self.fail_path(i, format_args!("path checker: {e}"));
+                }
+            }
+        }
+    }
+
     /// One round of the path checker: probe every leaf path, fail the ones that do not answer
     /// and reinstate the ones that do; then the no_path_retry clock. The probes run side by
-    /// side, one thread each, so a round takes one probe timeout however many paths hang.
+    /// side, one thread each, and each verdict applies as soon as it is in: a round takes one
+    /// probe timeout however many paths hang, and a path refused at once fails at once.
     fn check_paths(&self, timeout: Duration) {
-        let results: Vec<Option<Result<(), String>>> = std::thread::scope(|sc| {
-            let running: Vec<_> = self
-                .paths
-                .iter()
-                .map(|p| {
-                    let leaf = p.leaf.as_deref()?;
-                    let spawned = std::thread::Builder::new()
-                        .name("mp-probe".into())
-                        .spawn_scoped(sc, move || leaf.probe(timeout));
+        std::thread::scope(|sc| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            for (i, p) in self.paths.iter().enumerate() {
+                let Some(leaf) = p.leaf.as_deref() else {
+                    continue;
+                };
+                let tx = tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("mp-probe".into())
+                    .spawn_scoped(sc, move || {
+                        let _ = tx.send((i, leaf.probe(timeout)));
+                    });
+                if spawned.is_err() {
                     // No thread to be had: probe from this one.
-                    Some(spawned.map_err(|_| leaf.probe(timeout)))
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|r| {
-                    r.map(|r| match r {
-                        Ok(h) => h
-                            .join()
-                            .unwrap_or_else(|_| Err("the probe panicked".into())),
-                        Err(inline) => inline,
-                    })
-                })
-                .collect()
+                    self.apply_probe(i, leaf.probe(timeout));
+                }
+            }
+            drop(tx);
+            // Ends when every probe has answered (a probe that panicked just drops its sender).
+            for (i, r) in rx {
+                if self.stopping() {
+                    return;
+                }
+                self.apply_probe(i, r);
+            }
         });
-        for (i, r) in results.into_iter().enumerate() {
-            if self.stopping() {
-                return;
-            }
-            let p = &self.paths[i];
-            let Some(r) = r else { continue };
-            let _g = lock(&self.ctl);
-            match r {
-                Ok(()) => {
-                    if !p.active.load(Relaxed) {
-                        self.reinstate_path(i, "path checker: the device answers");
-                    }
-                }
-                Err(e) => {
-                    if p.active.load(Relaxed) {
-                        self.fail_path(i, format_args!("path checker: {e}"));
-                    }
-                }
-            }
+        if self.stopping() {
+            return;
         }
         let _g = lock(&self.ctl);
         self.refresh_current();
