@@ -131,6 +131,9 @@ struct VolState {
     noflush: bool,
     inflight: u64,
     held: VecDeque<BioId>,
+    /// Bios pushed back since the suspend: they go ahead of the I/O that arrived while
+    /// suspended (they came first), in the order they were pushed back.
+    pushed: usize,
     /// The request queue of a request-based table.
     rq: Option<RequestQueue>,
     rq_opts: QueueOpts,
@@ -388,6 +391,7 @@ impl Reactor {
         let v = self.vol_mut(dev);
         v.suspended = true;
         v.noflush = noflush;
+        v.pushed = 0;
         if noflush {
             for _ in 0..self.requeue.len() {
                 let Some(r) = self.requeue.pop_front() else {
@@ -1044,7 +1048,9 @@ impl Reactor {
                             bio.sector = entry.sector;
                             bio.copy_src = entry.copy_src;
                             if v.suspended {
-                                v.held.push_back(id);
+                                let at = v.pushed.min(v.held.len());
+                                v.held.insert(at, id);
+                                v.pushed += 1;
                                 stats.held += 1;
                             } else {
                                 submit_q.push_back(id);
