@@ -14,9 +14,10 @@
 //! 2 s). No connect ever runs on the reactor, the first ones included: `poll`/`submit` hand it
 //! to a connector thread (name lookup, connect and handshake; connect and handshake bounded as
 //! a whole by the leaf's timeout, and an attempt silent for 1 s past it is given up) and adopt
-//! the finished connection on a later round. While no connection is up, new bios wait for an
-//! attempt in flight for at most 200 ms (`NOWAIT` bios get `Again`), and otherwise fail at
-//! once with `PathError`.
+//! the finished connection on a later round; the connector thread wakes the reactor through an
+//! eventfd, so it sleeps rather than spins while a connect is pending. While no connection is
+//! up, new bios wait for an attempt in flight for at most 200 ms (`NOWAIT` bios get `Again`),
+//! and otherwise fail at once with `PathError`.
 //! Connects and handshakes are bounded as a whole by their budget (a unix listener that stopped
 //! accepting included), not per system call.
 //!
@@ -27,7 +28,7 @@
 //! is down) and reconnects at once instead of waiting out its backoff, so a path the checker
 //! reinstated does not fail its next bio with `PathError`.
 
-use rustix::event::epoll;
+use rustix::event::{epoll, eventfd, EventfdFlags};
 use stackbd_core::leaf::WaitHint;
 use stackbd_core::{
     BioFlags, BioId, DataBuf, Leaf, LeafChannel, LeafCx, Limits, Op, Sector, Status, SECTOR_SIZE,
@@ -841,7 +842,16 @@ struct NbdChannel {
     /// Connections opened by connector threads, adopted by `reconnect_due`.
     connected_tx: Sender<Connected>,
     connected_rx: Receiver<Connected>,
+    /// Readable when a connector thread has handed back a result: the reactor sleeps on it
+    /// (directly, or through `epoll`) while a connect is pending instead of spinning.
+    wake: Arc<OwnedFd>,
+    /// Attempts given up while their thread still runs: until their late results are taken,
+    /// `poll` keeps looking (a late result's wake-up would otherwise keep `epoll` readable).
+    abandoned: u32,
 }
+
+/// `epoll` data of the wake eventfd (connections use their index).
+const WAKE_DATA: u64 = u64::MAX;
 
 impl NbdChannel {
     fn new(sh: Arc<Shared>) -> NbdChannel {
@@ -883,9 +893,19 @@ impl NbdChannel {
             None
         };
         let (connected_tx, connected_rx) = channel();
+        let wake = Arc::new(
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .expect("eventfd for the nbd channel"),
+        );
+        if let Some(ep) = &epoll {
+            let data = epoll::EventData::new_u64(WAKE_DATA);
+            let _ = epoll::add(ep, &*wake, data, epoll::EventFlags::IN);
+        }
         let mut ch = NbdChannel {
             connected_tx,
             connected_rx,
+            wake,
+            abandoned: 0,
             depth,
             slots,
             conns,
@@ -909,6 +929,7 @@ impl NbdChannel {
     fn start_connect(&mut self, c: usize, now: Instant) {
         let sh = self.sh.clone();
         let tx = self.connected_tx.clone();
+        let wake = self.wake.clone();
         self.conns[c].attempt += 1;
         let attempt = self.conns[c].attempt;
         let spawned = std::thread::Builder::new()
@@ -916,7 +937,11 @@ impl NbdChannel {
             .spawn(move || {
                 let res = std::panic::catch_unwind(|| open_checked(&sh, sh.opts.timeout))
                     .unwrap_or_else(|_| Err(io::Error::other("the connector panicked")));
-                // The channel may be gone by now: the stream then just closes.
+                // Wake first, then send: the reactor takes results before it resets the
+                // eventfd, so a result is never left behind a reset, and a readable eventfd
+                // is never left behind an adopted result. The channel may be gone by now:
+                // the stream then just closes.
+                let _ = rustix::io::write(&*wake, &1u64.to_ne_bytes());
                 let _ = tx.send((c, attempt, res));
             });
         match spawned {
@@ -973,8 +998,13 @@ impl NbdChannel {
             let conn = &self.conns[c];
             if matches!(conn.state, ConnState::Connecting { .. }) && conn.attempt == attempt {
                 self.adopt(c, res);
+            } else {
+                self.abandoned = self.abandoned.saturating_sub(1);
             }
         }
+        // After the results (see `start_connect`): a result sent after this read comes with a
+        // fresh wake-up, or is taken by the next call (its connection is still not up).
+        let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
         let give_up = self.sh.opts.timeout + CONNECT_GRACE;
         for c in 0..self.conns.len() {
             match self.conns[c].state {
@@ -983,6 +1013,7 @@ impl NbdChannel {
                 }
                 ConnState::Connecting { since } if now.duration_since(since) > give_up => {
                     let e = io::Error::new(io::ErrorKind::TimedOut, "connect did not report back");
+                    self.abandoned += 1;
                     self.adopt(c, Err(e));
                 }
                 _ => {}
@@ -1345,7 +1376,7 @@ impl LeafChannel for NbdChannel {
                 self.fail_conn(cx, c, Fail::Path, now);
             }
         }
-        if self.conns.iter().any(|c| !c.up()) {
+        if self.abandoned > 0 || self.conns.iter().any(|c| !c.up()) {
             self.reconnect_due(now);
             self.fail_stranded_backlog(cx, now);
         }
@@ -1388,10 +1419,20 @@ impl LeafChannel for NbdChannel {
                 fd = conn.fd();
             }
         }
-        if pending || !self.backlog.is_empty() {
+        let connecting = self
+            .conns
+            .iter()
+            .any(|c| matches!(c.state, ConnState::Connecting { .. }));
+        if pending || (!self.backlog.is_empty() && self.conns.iter().any(Conn::up)) {
             return WaitHint::Spin;
         }
+        if !self.backlog.is_empty() {
+            // No connection up: the backlog waits for a connector thread, which wakes us (or
+            // for the reactor's next look around, which fails it after `RECONNECT_WAIT`).
+            return WaitHint::Fd(self.wake.as_raw_fd());
+        }
         match (busy, fd, &self.epoll) {
+            (0, _, _) if connecting => WaitHint::Fd(self.wake.as_raw_fd()),
             (0, _, _) => WaitHint::Idle,
             (1, Some(fd), _) => WaitHint::Fd(fd),
             (_, _, Some(ep)) => WaitHint::Fd(ep.as_raw_fd()),

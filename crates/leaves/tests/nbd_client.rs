@@ -573,3 +573,45 @@ fn first_connections_do_not_hold_up_the_engine() {
     assert_eq!(e.read_at(v, 0, &mut back), Status::Ok);
     assert!(back == data);
 }
+
+/// While bios wait for a connect, the reactor sleeps (on the channel's wake eventfd) instead
+/// of spinning: a write issued as the leaf's first connection hangs in the handshake waits its
+/// 200 ms and fails with a path error, and the thread that ran the reactor meanwhile (the
+/// inline engine's, this one) used a small part of that time on the CPU.
+#[test]
+fn the_reactor_sleeps_while_bios_wait_for_a_connect() {
+    use rustix::time::{clock_gettime, ClockId};
+    let cpu = || {
+        let t = clock_gettime(ClockId::ThreadCPUTime);
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("w");
+    let mut s = Server::nbdkit(&sock, &["memory", "16M"]);
+    let o = NbdOptions {
+        timeout: Duration::from_secs(3),
+        ..opts(1, 4)
+    };
+    let leaf = NbdLeaf::connect(&s.uri(""), o).unwrap();
+    s.kill();
+    std::fs::remove_file(&sock).unwrap();
+    let _silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+
+    let mut e = engine();
+    e.add_leaf("n", Arc::new(leaf)).unwrap();
+    let v = e.create("v", Some("0 32768 linear n 0")).unwrap();
+    let (t, c) = (Instant::now(), cpu());
+    let st = e.write_at(v, 0, &[0x11u8; 4096]);
+    let (took, on_cpu) = (t.elapsed(), cpu() - c);
+    eprintln!("write: {st:?} after {took:?}, {on_cpu:?} on the CPU");
+    assert_eq!(st, Status::PathError);
+    assert!(
+        took >= Duration::from_millis(150),
+        "it did not wait: {took:?}"
+    );
+    // Spinning would keep the thread on the CPU for nearly all of the wait.
+    assert!(
+        on_cpu < took / 4,
+        "the reactor spun: {on_cpu:?} on the CPU in {took:?}"
+    );
+}
