@@ -437,6 +437,37 @@ fn interrupt_waits_sleep_on_the_sockets() {
     }
 }
 
+/// Replaces the server on `sock` by a listener that accepts (the kernel queues connections)
+/// and never speaks: every handshake hangs until the client's timeout.
+fn silence(s: &mut Server, sock: &std::path::Path) -> std::os::unix::net::UnixListener {
+    s.kill();
+    std::fs::remove_file(sock).unwrap();
+    std::os::unix::net::UnixListener::bind(sock).unwrap()
+}
+
+/// An nbd leaf (3 s timeout, `conns` connections) made while nbdkit answered on `DIR/name`,
+/// whose server is then silenced; the listener must live as long as the test needs it silent.
+fn leaf_of_a_silenced_server(
+    name: &str,
+    conns: u32,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    NbdLeaf,
+    std::os::unix::net::UnixListener,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join(name);
+    let mut s = Server::nbdkit(&sock, &["memory", "16M"]);
+    let o = NbdOptions {
+        timeout: Duration::from_secs(3),
+        ..opts(conns, 4)
+    };
+    let leaf = NbdLeaf::connect(&s.uri(""), o).unwrap();
+    let silent = silence(&mut s, &sock);
+    (dir, sock, leaf, silent)
+}
+
 /// A reconnect runs on a connector thread, never on the reactor: while the server's socket
 /// accepts connections and never answers the handshake (each attempt hangs until the leaf's
 /// 2 s timeout), a RAM volume on the same reactor keeps completing I/O without a stall, and a
@@ -463,11 +494,8 @@ fn reconnects_never_block_the_reactor() {
     let data = vec![0x6du8; 4096];
     assert_eq!(e.write_at(v, 0, &data), Status::Ok);
 
-    // The server is replaced by a listener that accepts (the kernel queues the connection)
-    // and never speaks; a thread takes the connections and holds them.
-    s.kill();
-    std::fs::remove_file(&sock).unwrap();
-    let silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // The server goes silent; a thread takes the connections and holds them.
+    let silent = silence(&mut s, &sock);
     let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = accepted.clone();
     std::thread::spawn(move || {
@@ -539,17 +567,7 @@ fn reconnects_never_block_the_reactor() {
 /// back on the socket the channel connects and I/O works.
 #[test]
 fn first_connections_do_not_hold_up_the_engine() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("f");
-    let mut s = Server::nbdkit(&sock, &["memory", "16M"]);
-    let o = NbdOptions {
-        timeout: Duration::from_secs(3),
-        ..opts(2, 4)
-    };
-    let leaf = NbdLeaf::connect(&s.uri(""), o).unwrap();
-    s.kill();
-    std::fs::remove_file(&sock).unwrap();
-    let silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (_dir, sock, leaf, silent) = leaf_of_a_silenced_server("f", 2);
 
     let mut e = engine();
     let t = Instant::now();
@@ -585,17 +603,7 @@ fn the_reactor_sleeps_while_bios_wait_for_a_connect() {
         let t = clock_gettime(ClockId::ThreadCPUTime);
         Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
     };
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("w");
-    let mut s = Server::nbdkit(&sock, &["memory", "16M"]);
-    let o = NbdOptions {
-        timeout: Duration::from_secs(3),
-        ..opts(1, 4)
-    };
-    let leaf = NbdLeaf::connect(&s.uri(""), o).unwrap();
-    s.kill();
-    std::fs::remove_file(&sock).unwrap();
-    let _silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (_dir, _sock, leaf, _silent) = leaf_of_a_silenced_server("w", 1);
 
     let mut e = engine();
     e.add_leaf("n", Arc::new(leaf)).unwrap();
