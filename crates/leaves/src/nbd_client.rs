@@ -994,17 +994,26 @@ impl NbdChannel {
                 }
             }
         }
-        while let Ok((c, attempt, res)) = self.connected_rx.try_recv() {
-            let conn = &self.conns[c];
-            if matches!(conn.state, ConnState::Connecting { .. }) && conn.attempt == attempt {
-                self.adopt(c, res);
-            } else {
-                self.abandoned = self.abandoned.saturating_sub(1);
+        // Results come only from attempts in flight or given up: with none, a connection that
+        // is merely down (backing off) costs no system call per reactor round.
+        let expecting = self.abandoned > 0
+            || self
+                .conns
+                .iter()
+                .any(|c| matches!(c.state, ConnState::Connecting { .. }));
+        if expecting {
+            while let Ok((c, attempt, res)) = self.connected_rx.try_recv() {
+                let conn = &self.conns[c];
+                if matches!(conn.state, ConnState::Connecting { .. }) && conn.attempt == attempt {
+                    self.adopt(c, res);
+                } else {
+                    self.abandoned = self.abandoned.saturating_sub(1);
+                }
             }
+            // After the results (see `start_connect`): a result sent after this read comes
+            // with a fresh wake-up, or is taken by the next call (its connection is not up).
+            let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
         }
-        // After the results (see `start_connect`): a result sent after this read comes with a
-        // fresh wake-up, or is taken by the next call (its connection is still not up).
-        let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
         let give_up = self.sh.opts.timeout + CONNECT_GRACE;
         for c in 0..self.conns.len() {
             match self.conns[c].state {
