@@ -853,8 +853,7 @@ impl Engine {
         if depth > crate::bio::MAX_FRAMES {
             return 0;
         }
-        let own = crate::table::SPLIT_FRAME_BYTES.div_ceil(8) * 8
-            + crate::table::VOLUME_FRAME_BYTES.div_ceil(8) * 8;
+        let own = crate::table::SPLIT_FRAME_BYTES.div_ceil(8) * 8;
         own + t
             .entries()
             .iter()

@@ -29,15 +29,6 @@ pub struct SplitCtx {
     _pad: [u8; 7],
 }
 
-/// Context of a volume entry frame: where the bio stood when it entered the volume, so a
-/// pushback can hold it there again as it came (targets and splits move `sector`/`copy_src`).
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C)]
-pub struct VolumeCtx {
-    sector: u64,
-    copy_src: u64,
-}
-
 impl SplitCtx {
     fn merge(&mut self, s: Status) {
         let mut st = Status::from_u8(self.status);
@@ -399,8 +390,7 @@ impl Reactor {
                 };
                 if r.vol == dev {
                     self.stats.pushed_back += 1;
-                    self.pool.get_mut(r.id).status = Status::Pushback;
-                    self.complete_q.push_back(r.id);
+                    push_back(&mut self.pool, &self.devs, &mut self.complete_q, r);
                 } else {
                     self.requeue.push_back(r);
                 }
@@ -589,8 +579,7 @@ impl Reactor {
             if pushback {
                 ran += 1;
                 self.stats.pushed_back += 1;
-                self.pool.get_mut(r.id).status = Status::Pushback;
-                self.complete_q.push_back(r.id);
+                push_back(&mut self.pool, &self.devs, &mut self.complete_q, r);
                 continue;
             }
             if r.due.is_some_and(|d| d > now) {
@@ -947,11 +936,7 @@ impl Reactor {
                     }
                     v.inflight += 1;
                     let bio = pool.get_mut(id);
-                    let entry = VolumeCtx {
-                        sector: bio.sector,
-                        copy_src: bio.copy_src,
-                    };
-                    bio.frames.push(FrameKind::Volume, dev, &entry, fallback);
+                    bio.frames.push(FrameKind::Volume, dev, &(), fallback);
                     let Some(table) = v.table.as_deref() else {
                         bio.status = Status::IoError;
                         complete_q.push_back(id);
@@ -1029,24 +1014,17 @@ impl Reactor {
             match bio.frames.peek() {
                 Some(h) => match h.kind {
                     FrameKind::Volume => {
-                        let pushback = bio.status == Status::Pushback;
-                        let entry: VolumeCtx = if pushback {
-                            bio.frames.ctx_at(h.ctx_off)
-                        } else {
-                            VolumeCtx::default()
-                        };
                         bio.frames.pop();
                         let Some(Slot::Volume(v)) = devs.get_mut(h.dev.0 as usize) else {
                             continue;
                         };
                         v.inflight -= 1;
-                        if pushback {
-                            // Back as it entered: held for the next table, or (resumed
-                            // meanwhile) mapped again at once.
+                        if bio.status == Status::Pushback {
+                            // Back as it entered (`push_back` and split restores made its
+                            // sector the volume's again): held for the next table, or
+                            // (resumed meanwhile) mapped again at once.
                             bio.status = Status::Ok;
                             bio.dev = h.dev;
-                            bio.sector = entry.sector;
-                            bio.copy_src = entry.copy_src;
                             if v.suspended {
                                 let at = v.pushed.min(v.held.len());
                                 v.held.insert(at, id);
@@ -1112,13 +1090,20 @@ impl Reactor {
                         let (status, op) = (bio.status, bio.op);
                         let mut m = bio.rq_next.take();
                         pool.free(id, fallback);
-                        let Some(Slot::Volume(VolState { rq: Some(q), .. })) =
-                            devs.get_mut(h.dev.0 as usize)
+                        let Some(Slot::Volume(VolState {
+                            rq: Some(q), table, ..
+                        })) = devs.get_mut(h.dev.0 as usize)
                         else {
                             unreachable!("request of a volume without a request queue")
                         };
                         let window = (ctx.buf != crate::rq::NO_BUF)
                             .then(|| q.buf_window(ctx.buf, ctx.sectors));
+                        // Members were queued target-relative; pushed back, they go up to the
+                        // volume, which maps them again from its own sectors.
+                        let start = match (status, table.as_deref()) {
+                            (Status::Pushback, Some(t)) => t.entries()[ctx.target as usize].start,
+                            _ => 0,
+                        };
                         let mut off = 0;
                         while let Some(mid) = m {
                             let mb = pool.get_mut(mid);
@@ -1127,6 +1112,9 @@ impl Reactor {
                             }
                             off += mb.data.len();
                             mb.status = status;
+                            if start > 0 && mb.op != Op::Flush {
+                                mb.sector += start;
+                            }
                             m = mb.rq_next.take();
                             complete_q.push_back(mid);
                         }
@@ -1206,6 +1194,27 @@ impl Reactor {
             }
         }
     }
+}
+
+/// Sends a requeued bio back up to its volume (a noflush suspend): its sector goes back from
+/// the target's to the volume's (a target gives a bio back to requeue as `map` got it), and it
+/// completes with `Pushback`, which its volume's entry frame turns into a held bio.
+fn push_back(pool: &mut BioPool, devs: &[Slot], complete_q: &mut VecDeque<BioId>, r: Requeued) {
+    let start = match devs.get(r.vol.0 as usize) {
+        Some(Slot::Volume(VolState { table: Some(t), .. })) => t.entries()[r.target as usize].start,
+        _ => 0,
+    };
+    let bio = pool.get_mut(r.id);
+    match bio.op {
+        Op::Flush => bio.sector = 0,
+        Op::Copy => {
+            bio.sector += start;
+            bio.copy_src += start;
+        }
+        _ => bio.sector += start,
+    }
+    bio.status = Status::Pushback;
+    complete_q.push_back(r.id);
 }
 
 fn is_copy_emu(pool: &BioPool, parent: BioId, off: u32) -> bool {

@@ -112,9 +112,6 @@ pub struct Table {
 /// Bytes of a split frame's context; every volume level reserves room for one.
 pub const SPLIT_FRAME_BYTES: usize = std::mem::size_of::<crate::reactor::SplitCtx>();
 
-/// Bytes of a volume entry frame's context (where the bio entered, for pushbacks).
-pub const VOLUME_FRAME_BYTES: usize = std::mem::size_of::<crate::reactor::VolumeCtx>();
-
 /// A stack deeper than this is refused (frames are bounded per bio).
 pub const MAX_STACK_FRAMES: u32 = crate::bio::MAX_FRAMES as u32;
 
@@ -225,7 +222,7 @@ impl Table {
         limits.stack(&below);
         limits.per_io_bytes = below.per_io_bytes;
         limits.frame_depth = below.frame_depth;
-        limits.add_frame(VOLUME_FRAME_BYTES);
+        limits.add_frame(0); // volume entry
         limits.add_frame(SPLIT_FRAME_BYTES);
         let size = entries.last().map_or(0, |e| e.start + e.len);
         let starts = entries.iter().map(|e| e.start).collect();
