@@ -389,13 +389,37 @@ impl Reactor {
                     break;
                 };
                 if r.vol == dev {
-                    self.stats.pushed_back += 1;
-                    push_back(&mut self.pool, &self.devs, &mut self.complete_q, r);
+                    self.push_back(r);
                 } else {
                     self.requeue.push_back(r);
                 }
             }
         }
+    }
+
+    /// Sends a requeued bio back up to its volume (a noflush suspend): its sector goes back
+    /// from the target's to the volume's (a target gives a bio back to requeue as `map` got
+    /// it), and it completes with `Pushback`, which its volume's entry frame turns into a held
+    /// bio.
+    fn push_back(&mut self, r: Requeued) {
+        self.stats.pushed_back += 1;
+        let start = match self.devs.get(r.vol.0 as usize) {
+            Some(Slot::Volume(VolState { table: Some(t), .. })) => {
+                t.entries()[r.target as usize].start
+            }
+            _ => 0,
+        };
+        let bio = self.pool.get_mut(r.id);
+        match bio.op {
+            Op::Flush => bio.sector = 0,
+            Op::Copy => {
+                bio.sector += start;
+                bio.copy_src += start;
+            }
+            _ => bio.sector += start,
+        }
+        bio.status = Status::Pushback;
+        self.complete_q.push_back(r.id);
     }
 
     /// Lets held I/O go, in arrival order.
@@ -578,8 +602,7 @@ impl Reactor {
             );
             if pushback {
                 ran += 1;
-                self.stats.pushed_back += 1;
-                push_back(&mut self.pool, &self.devs, &mut self.complete_q, r);
+                self.push_back(r);
                 continue;
             }
             if r.due.is_some_and(|d| d > now) {
@@ -1194,27 +1217,6 @@ impl Reactor {
             }
         }
     }
-}
-
-/// Sends a requeued bio back up to its volume (a noflush suspend): its sector goes back from
-/// the target's to the volume's (a target gives a bio back to requeue as `map` got it), and it
-/// completes with `Pushback`, which its volume's entry frame turns into a held bio.
-fn push_back(pool: &mut BioPool, devs: &[Slot], complete_q: &mut VecDeque<BioId>, r: Requeued) {
-    let start = match devs.get(r.vol.0 as usize) {
-        Some(Slot::Volume(VolState { table: Some(t), .. })) => t.entries()[r.target as usize].start,
-        _ => 0,
-    };
-    let bio = pool.get_mut(r.id);
-    match bio.op {
-        Op::Flush => bio.sector = 0,
-        Op::Copy => {
-            bio.sector += start;
-            bio.copy_src += start;
-        }
-        _ => bio.sector += start,
-    }
-    bio.status = Status::Pushback;
-    complete_q.push_back(r.id);
 }
 
 fn is_copy_emu(pool: &BioPool, parent: BioId, off: u32) -> bool {

@@ -951,6 +951,23 @@ fn two_halves(mode: &str, path: &str) -> String {
         .collect()
 }
 
+/// A rig of `paths` paths with volume `NAME-MODE` over [`two_halves`] on `p0`, which is down.
+fn two_halves_on_a_dead_p0(paths: usize, name: &str, mode: &str) -> (Rig, String, DevId) {
+    let mut r = Rig::new(paths);
+    let name = format!("{name}-{mode}");
+    let vol = r.e.create(&name, Some(&two_halves(mode, "p0"))).unwrap();
+    r.ctl[0].down();
+    (r, name, vol)
+}
+
+/// `reinstate_path p0` in both targets of a [`two_halves`] volume.
+fn reinstate_p0_in_both_halves(r: &mut Rig, name: &str) {
+    for line in 0..2 {
+        r.e.message(name, line * (SECTORS / 2), &["reinstate_path", "p0"])
+            .unwrap();
+    }
+}
+
 const NOFLUSH: SuspendOpts = SuspendOpts {
     noflush: true,
     deadline: None,
@@ -960,10 +977,7 @@ const NOFLUSH: SuspendOpts = SuspendOpts {
 #[test]
 fn noflush_suspend_holds_queued_io_across_a_table_swap() {
     for mode in ["rq", "bio"] {
-        let mut r = Rig::new(2);
-        let name = format!("nf-{mode}");
-        let vol = r.e.create(&name, Some(&two_halves(mode, "p0"))).unwrap();
-        r.ctl[0].down();
+        let (mut r, name, vol) = two_halves_on_a_dead_p0(2, "nf", mode);
         let half = SECTORS / 2;
         // One write in each half, and one across the middle (split into two pieces).
         let writes = [(8, 0x11u8), (half - 4, 0x22), (half + 16, 0x33)];
@@ -1042,10 +1056,7 @@ fn pushed_back_io_goes_ahead_of_io_held_during_the_suspend() {
             "{mode}: A was not pushed back"
         );
         r.ctl[0].up();
-        for line in 0..2 {
-            r.e.message(&name, line * (SECTORS / 2), &["reinstate_path", "p0"])
-                .unwrap();
-        }
+        reinstate_p0_in_both_halves(&mut r, &name);
         r.e.reactor_mut().resume(vol);
         assert_eq!(r.wait(a, Duration::from_secs(2)), Some(Status::Ok));
         assert_eq!(r.wait(b, Duration::from_secs(2)), Some(Status::Ok));
@@ -1061,10 +1072,7 @@ fn pushed_back_io_goes_ahead_of_io_held_during_the_suspend() {
 #[test]
 fn noflush_suspend_then_resume_on_the_same_table_queues_again() {
     for mode in ["rq", "bio"] {
-        let mut r = Rig::new(1);
-        let name = format!("nfs-{mode}");
-        let vol = r.e.create(&name, Some(&two_halves(mode, "p0"))).unwrap();
-        r.ctl[0].down();
+        let (mut r, name, vol) = two_halves_on_a_dead_p0(1, "nfs", mode);
         let a = r.submit_write(vol, SECTORS / 2 - 4, 0x5c);
         r.stays_pending(a, Duration::from_millis(40));
         r.e.suspend(&name, NOFLUSH).unwrap();
@@ -1073,10 +1081,7 @@ fn noflush_suspend_then_resume_on_the_same_table_queues_again() {
         // Back in the same target: queued again, not failed.
         r.stays_pending(a, Duration::from_millis(60));
         r.ctl[0].up();
-        for line in 0..2 {
-            r.e.message(&name, line * (SECTORS / 2), &["reinstate_path", "p0"])
-                .unwrap();
-        }
+        reinstate_p0_in_both_halves(&mut r, &name);
         assert_eq!(r.wait(a, Duration::from_secs(2)), Some(Status::Ok));
         let (s, buf) = r.read(vol, SECTORS / 2 - 4);
         assert_eq!(s, Status::Ok);
