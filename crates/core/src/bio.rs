@@ -95,6 +95,9 @@ pub(crate) enum FrameKind {
     CopyEmu,
     /// The bottom frame of a request (request-based volumes): its members complete with it.
     Request,
+    /// The bottom frame of a child bio a target sent (`TargetCx::submit_child`, copies): its
+    /// completion goes back to that target. The context is a `ChildCtx`.
+    Child { target: u16 },
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -941,7 +941,7 @@ impl Engine {
                 continue;
             }
             let r = self.reactor();
-            if r.has_async_leaves() || r.requeued() > 0 {
+            if r.has_async_leaves() || r.requeued() > 0 || r.has_target_work() {
                 self.sleep_inline();
                 continue;
             }
@@ -1013,7 +1013,15 @@ impl Engine {
         let nap = r.next_timer().map_or(crate::runtime::SLEEP_MAX, |t| {
             t.min(crate::runtime::SLEEP_MAX)
         });
-        if self.wait_fds.is_empty() && r.next_timer().is_none() {
+        if self.wait_fds.is_empty() && r.next_timer().is_none() && !r.has_target_work() {
+            return;
+        }
+        // Doorbells (a target's service thread) wake the sleep too.
+        let waker = r.waker().clone();
+        self.wait_fds.push(waker.raw_fd());
+        waker.set_sleeping(true);
+        if waker.is_rung() {
+            waker.set_sleeping(false);
             return;
         }
         let timeout = rustix::event::Timespec {
@@ -1028,6 +1036,8 @@ impl Engine {
                 &timeout,
             )
         };
+        waker.set_sleeping(false);
+        waker.drain();
     }
 
     pub fn read(&mut self, h: &VolumeHandle, sector: Sector, buf: &mut [u8]) -> Status {

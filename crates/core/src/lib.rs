@@ -13,6 +13,7 @@ pub mod limits;
 pub mod reactor;
 pub mod rq;
 pub mod runtime;
+pub mod service;
 pub mod status;
 pub mod table;
 pub mod target;
@@ -24,10 +25,12 @@ pub use leaf::{Leaf, LeafChannel, LeafCx};
 pub use limits::Limits;
 pub use reactor::{Completion, Reactor, ReactorConfig, Request};
 pub use rq::{QueueOpts, Scheduler};
+pub use service::{Doorbell, Service, ServiceCx, ServiceHandle};
 pub use status::Status;
 pub use table::{Table, TableError};
 pub use target::{
-    ArgError, CtorCx, DevRef, Endio, EndioCx, MapCx, MapResult, Target, TargetRegistry,
+    ArgError, Bounce, ChildIo, CopyIo, CtorCx, DevRef, Endio, MapResult, ReactorInit, Target,
+    TargetCx, TargetRegistry,
 };
 
 /// A 512-byte sector number or count.

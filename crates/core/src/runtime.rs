@@ -12,8 +12,8 @@
 use crate::reactor::{Completion, Reactor, ReactorConfig, ReactorStats, Request};
 use crate::status::Status;
 use crate::DevId;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
@@ -128,8 +128,8 @@ enum Msg {
 
 /// What a reactor thread shares with the control side.
 struct Shared {
-    wake: OwnedFd,
-    sleeping: AtomicBool,
+    /// The reactor's waker: its eventfd, sleeping flag and doorbell flag.
+    waker: Arc<crate::service::Waker>,
     /// Set after every message sent, so a turn reads the channel only when there is mail (an
     /// empty channel's `try_recv` costs more than this load, every turn).
     mail: AtomicBool,
@@ -156,9 +156,7 @@ impl Handle {
 fn send_to(tx: &Sender<Msg>, shared: &Shared, m: Msg) {
     let _ = tx.send(m);
     shared.mail.store(true, Ordering::Release);
-    if shared.sleeping.load(Ordering::SeqCst) {
-        let _ = rustix::io::write(&shared.wake, &1u64.to_ne_bytes());
-    }
+    shared.waker.wake();
 }
 
 /// Attaches frontends to reactor threads; cheap to clone, usable from any thread.
@@ -202,8 +200,7 @@ impl ReactorThreads {
         for i in 0..n {
             let (tx, rx) = channel();
             let shared = Arc::new(Shared {
-                wake: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
-                sleeping: AtomicBool::new(false),
+                waker: crate::service::Waker::new()?,
                 mail: AtomicBool::new(false),
                 loops: AtomicU64::new(0),
                 sleeps: AtomicU64::new(0),
@@ -410,7 +407,7 @@ impl ThreadLoop {
         ThreadLoop {
             index,
             cfg,
-            reactor: Reactor::new(cfg.reactor),
+            reactor: Reactor::with_waker(cfg.reactor, index, shared.waker.clone()),
             frontends: Vec::new(),
             drains: Vec::new(),
             rx,
@@ -549,16 +546,22 @@ impl ThreadLoop {
         for fe in self.frontends.iter().flatten() {
             fe.wait_fds(&mut self.fe_fds);
         }
-        self.shared.sleeping.store(true, Ordering::SeqCst);
-        // A message sent before `sleeping` was visible did not write the eventfd: look again.
+        let waker = self.shared.waker.clone();
+        waker.set_sleeping(true);
+        // A message or doorbell sent before `sleeping` was visible did not write the eventfd:
+        // look again.
+        if waker.is_rung() {
+            waker.set_sleeping(false);
+            return;
+        }
         match self.rx.try_recv() {
             Ok(m) => {
-                self.shared.sleeping.store(false, Ordering::SeqCst);
+                waker.set_sleeping(false);
                 self.handle(m);
                 return;
             }
             Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                self.shared.sleeping.store(false, Ordering::SeqCst);
+                waker.set_sleeping(false);
                 self.stopping = true;
                 return;
             }
@@ -573,16 +576,15 @@ impl ThreadLoop {
             tv_sec: 0,
             tv_nsec: nap.as_nanos() as i64,
         };
-        let wake = self.shared.wake.as_raw_fd();
+        let wake = waker.raw_fd();
         let fds = std::iter::once((wake, false))
             .chain(self.fds.iter().map(|&fd| (fd, false)))
             .chain(self.fe_fds.iter().copied());
         // SAFETY: every fd belongs to this thread's leaves, frontends or wake eventfd, all alive
         // and open for the duration of the call.
         unsafe { sleep_on(&mut self.pfds, fds, &timeout) };
-        self.shared.sleeping.store(false, Ordering::SeqCst);
+        waker.set_sleeping(false);
         self.shared.sleeps.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 8];
-        let _ = rustix::io::read(self.shared.wake.as_fd(), &mut buf);
+        waker.drain();
     }
 }

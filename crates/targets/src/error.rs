@@ -1,7 +1,7 @@
 //! `error`: every I/O fails (flushes skip it, as in dm, since it has no device to flush).
 
 use stackbd_core::target::expect_args;
-use stackbd_core::{ArgError, Bio, CtorCx, DevId, Limits, MapCx, MapResult, Status, Target};
+use stackbd_core::{ArgError, Bio, CtorCx, DevId, Limits, MapResult, Status, Target, TargetCx};
 
 #[derive(Debug)]
 pub struct Error;
@@ -18,7 +18,7 @@ impl Target for Error {
         "error"
     }
 
-    fn map(&self, _bio: &mut Bio, _cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, _bio: &mut Bio, _cx: &mut TargetCx<'_>) -> MapResult {
         MapResult::Done(Status::IoError)
     }
 

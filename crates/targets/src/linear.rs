@@ -3,7 +3,7 @@
 
 use stackbd_core::target::{expect_args, parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapCx, MapResult, Sector, Target,
+    ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapResult, Sector, Target, TargetCx,
 };
 
 #[derive(Debug)]
@@ -32,7 +32,7 @@ impl Target for Linear {
     }
 
     #[inline]
-    fn map(&self, bio: &mut Bio, _cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> MapResult {
         bio.dev = self.dev.id;
         bio.sector += self.offset;
         MapResult::Remapped

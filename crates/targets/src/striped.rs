@@ -5,8 +5,8 @@
 
 use stackbd_core::target::{parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, DevRef, Endio, EndioCx, Limits, MapCx, MapResult, Op, Sector,
-    Status, Target,
+    ArgError, Bio, CtorCx, DevId, DevRef, Endio, Limits, MapResult, Op, Sector, Status, Target,
+    TargetCx,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -111,7 +111,7 @@ impl Target for Striped {
         "striped"
     }
 
-    fn map(&self, bio: &mut Bio, cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, cx: &mut TargetCx<'_>) -> MapResult {
         let (stripe, sector) = if bio.op == Op::Flush {
             let i = bio.map_index as usize;
             (i, 0)
@@ -142,7 +142,7 @@ impl Target for Striped {
         std::mem::size_of::<StripeFrame>()
     }
 
-    fn end_io(&self, bio: &mut Bio, _cx: &mut EndioCx<'_>) -> Endio {
+    fn end_io(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> Endio {
         // Unsupported operations and retries say nothing about the device's health.
         if !bio.status.is_ok()
             && !matches!(

@@ -2,7 +2,7 @@
 
 use stackbd_core::target::{expect_args, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, Limits, MapCx, MapResult, Op, Sector, Status, Target,
+    ArgError, Bio, CtorCx, DevId, Limits, MapResult, Op, Sector, Status, Target, TargetCx,
 };
 
 #[derive(Debug)]
@@ -20,7 +20,7 @@ impl Target for Zero {
         "zero"
     }
 
-    fn map(&self, bio: &mut Bio, _cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> MapResult {
         if bio.op == Op::Read {
             bio.data.fill_zero();
         }

@@ -5,8 +5,8 @@
 
 use stackbd_core::target::{expect_args, parse_num};
 use stackbd_core::{
-    ArgError, Bio, BioFlags, CtorCx, DataBuf, DevId, DevRef, Engine, Limits, MapCx, MapResult, Op,
-    QueueOpts, ReactorConfig, Request, Scheduler, Sector, Status, Target,
+    ArgError, Bio, BioFlags, CtorCx, DataBuf, DevId, DevRef, Engine, Limits, MapResult, Op,
+    QueueOpts, ReactorConfig, Request, Scheduler, Sector, Status, Target, TargetCx,
 };
 use stackbd_testkit::alloc::{thread_allocs, CountingAlloc};
 use stackbd_testkit::rng::Rng;
@@ -35,7 +35,7 @@ impl Target for RqLinear {
     fn kind(&self) -> &'static str {
         "rq-linear"
     }
-    fn map(&self, bio: &mut Bio, _cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> MapResult {
         bio.dev = self.dev.id;
         bio.sector += self.offset;
         MapResult::Remapped

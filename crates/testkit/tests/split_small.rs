@@ -218,7 +218,7 @@ impl stackbd_core::Target for RqLinear {
     fn map(
         &self,
         bio: &mut stackbd_core::Bio,
-        _cx: &mut stackbd_core::MapCx<'_>,
+        _cx: &mut stackbd_core::TargetCx<'_>,
     ) -> stackbd_core::MapResult {
         bio.dev = self.dev.id;
         bio.sector += self.offset;

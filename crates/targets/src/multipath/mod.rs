@@ -60,8 +60,8 @@ use stackbd_core::engine::Events;
 use stackbd_core::leaf::Leaf;
 use stackbd_core::target::{parse_num, TargetEnv, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, BioFlags, CtorCx, DevId, DevRef, Endio, EndioCx, Limits, MapCx, MapResult,
-    Sector, Status, Target, SECTOR_SIZE,
+    ArgError, Bio, BioFlags, CtorCx, DevId, DevRef, Endio, Limits, MapResult, Sector, Status,
+    Target, TargetCx, SECTOR_SIZE,
 };
 use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
@@ -800,7 +800,7 @@ impl Target for Multipath {
     }
 
     #[inline]
-    fn map(&self, bio: &mut Bio, cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, cx: &mut TargetCx<'_>) -> MapResult {
         let s = &*self.shared;
         let now = if s.clock { s.now() } else { 0 };
         let bytes = bio.sectors as u64 * SECTOR_SIZE as u64;
@@ -823,7 +823,7 @@ impl Target for Multipath {
     }
 
     #[inline]
-    fn end_io(&self, bio: &mut Bio, _cx: &mut EndioCx<'_>) -> Endio {
+    fn end_io(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> Endio {
         let s = &*self.shared;
         let f: Frame = bio.popped_ctx();
         let i = f.path as usize;

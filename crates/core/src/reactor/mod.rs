@@ -9,8 +9,11 @@ use crate::leaf::{LeafChannel, LeafCx};
 use crate::rq::{QueueOpts, RequestQueue, RqCtx};
 use crate::status::Status;
 use crate::table::Table;
-use crate::target::{Endio, EndioCx, MapCx, MapResult};
+use crate::target::{Endio, MapResult, TargetIo};
+
+mod stateful;
 use crate::{DevId, Sector, SECTOR_SIZE};
+use stateful::{map_with, Bell, Tx, VolTargets};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -110,6 +113,8 @@ pub struct ReactorStats {
     pub copy_kernel_bytes: u64,
     /// Copy bytes emulated by a layer (read into a bounce buffer, then written).
     pub copy_emulated_bytes: u64,
+    /// Child bios targets sent to their devices (their own I/O: copies, legs, metadata).
+    pub child_ios: u64,
 }
 
 /// A reactor's view of one volume.
@@ -181,6 +186,18 @@ pub struct Reactor {
     /// Request-based volumes with requests to dispatch at the end of this round (plugged).
     unplug: Vec<DevId>,
     copy_bufs: CopyBufs,
+    /// Per-volume target slots (per-reactor target state and parked bios), by device id.
+    targets: Vec<VolTargets>,
+    /// Target work queued by callbacks: children, copies, unparks, timers, bounce buffers.
+    tio: TargetIo,
+    /// Wakes this reactor from another thread (messages, doorbells).
+    waker: Arc<crate::service::Waker>,
+    /// Every target doorbell of this reactor.
+    bells: Vec<Bell>,
+    /// This reactor's index among its engine's reactors.
+    index: usize,
+    /// Volumes suspended with `noflush` (their parked bios are pushed back each round).
+    noflush_vols: usize,
     pub stats: ReactorStats,
 }
 
@@ -254,7 +271,18 @@ struct CopyEmuCtx {
 const NO_BUF: u32 = u32::MAX;
 
 impl Reactor {
+    /// A reactor run by the caller's thread (index 0, a waker of its own).
     pub fn new(cfg: ReactorConfig) -> Reactor {
+        let waker = crate::service::Waker::new().expect("eventfd for the reactor's waker");
+        Reactor::with_waker(cfg, 0, waker)
+    }
+
+    /// Reactor `index` of a set of reactor threads, woken through `waker`.
+    pub fn with_waker(
+        cfg: ReactorConfig,
+        index: usize,
+        waker: Arc<crate::service::Waker>,
+    ) -> Reactor {
         let cap = cfg.pool_capacity.max(16);
         Reactor {
             pool: BioPool::new(cap, cfg.per_io_bytes),
@@ -274,8 +302,24 @@ impl Reactor {
                 waiting: VecDeque::with_capacity(cap),
                 max: 16,
             },
+            targets: Vec::new(),
+            tio: TargetIo::new(cap * 2),
+            waker,
+            bells: Vec::new(),
+            index,
+            noflush_vols: 0,
             stats: ReactorStats::default(),
         }
+    }
+
+    /// The waker other threads use to wake this reactor.
+    pub fn waker(&self) -> &Arc<crate::service::Waker> {
+        &self.waker
+    }
+
+    /// This reactor's index.
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     pub fn pool(&self) -> &BioPool {
@@ -337,6 +381,10 @@ impl Reactor {
         self.pollers.retain(|&d| d != dev);
         if let Slot::Volume(mut v) = old {
             assert_eq!(v.inflight, 0, "removing a volume with I/O in flight");
+            if v.noflush {
+                self.noflush_vols -= 1;
+            }
+            self.install_slots(dev, None);
             while let Some(id) = v.held.pop_front() {
                 self.pool.get_mut(id).status = Status::Shutdown;
                 self.complete_q.push_back(id);
@@ -354,7 +402,9 @@ impl Reactor {
             .as_deref()
             .filter(|t| t.request_based())
             .map(|t| RequestQueue::new(v.rq_opts, t.limits().max_sectors, cap));
-        v.table = table;
+        v.table = table.clone();
+        // The targets' per-reactor state is made here, on this reactor's thread.
+        self.install_slots(dev, table.as_deref());
     }
 
     /// Sets a volume's request queue settings (scheduler, depth); they apply to its request
@@ -381,9 +431,14 @@ impl Reactor {
     pub fn suspend(&mut self, dev: DevId, noflush: bool) {
         let v = self.vol_mut(dev);
         v.suspended = true;
+        if noflush && !v.noflush {
+            self.noflush_vols += 1;
+        }
+        let v = self.vol_mut(dev);
         v.noflush = noflush;
         v.pushed = 0;
         if noflush {
+            self.push_back_parked(dev);
             for _ in 0..self.requeue.len() {
                 let Some(r) = self.requeue.pop_front() else {
                     break;
@@ -426,7 +481,10 @@ impl Reactor {
     pub fn resume(&mut self, dev: DevId) {
         let v = self.vol_mut(dev);
         v.suspended = false;
-        v.noflush = false;
+        if std::mem::take(&mut v.noflush) {
+            self.noflush_vols -= 1;
+        }
+        let v = self.vol_mut(dev);
         let held = std::mem::take(&mut v.held);
         self.submit_q.extend(held);
     }
@@ -553,7 +611,10 @@ impl Reactor {
     fn run_queues(&mut self, root: Option<BioId>) -> usize {
         let mut work = 0;
         loop {
-            let mut round = 0;
+            let mut round = self.run_target_work();
+            if self.noflush_vols > 0 {
+                self.sweep_noflush();
+            }
             if !self.requeue.is_empty() {
                 round += self.run_requeue();
             }
@@ -582,8 +643,23 @@ impl Reactor {
                 }
             }
             work += round;
-            if self.submit_q.is_empty() && self.complete_q.is_empty() && self.unplug.is_empty() {
+            if self.submit_q.is_empty()
+                && self.complete_q.is_empty()
+                && self.unplug.is_empty()
+                && !self.tio.has_work()
+            {
                 return work;
+            }
+        }
+    }
+
+    /// Bios parked while their volume suspends with `noflush` go back up to it at once.
+    fn sweep_noflush(&mut self) {
+        for i in 0..self.devs.len() {
+            if matches!(&self.devs[i], Slot::Volume(VolState { noflush: true, .. }))
+                && self.targets.get(i).is_some_and(|vt| vt.parked() > 0)
+            {
+                self.push_back_parked(DevId(i as u32));
             }
         }
     }
@@ -610,6 +686,7 @@ impl Reactor {
                 continue;
             }
             ran += 1;
+            let index = self.index;
             let Reactor {
                 pool,
                 fallback,
@@ -618,6 +695,8 @@ impl Reactor {
                 complete_q,
                 requeue,
                 stats,
+                targets,
+                tio,
                 ..
             } = self;
             let table = match devs.get(r.vol.0 as usize) {
@@ -629,17 +708,15 @@ impl Reactor {
                 complete_q.push_back(r.id);
                 continue;
             };
-            let bio = pool.get_mut(r.id);
-            bio.dev = r.vol;
-            let res = table.entries()[r.target as usize].target.map(
-                bio,
-                &mut MapCx {
-                    vol: r.vol,
-                    target: r.target,
-                    id: r.id,
-                    fallback,
-                },
-            );
+            pool.get_mut(r.id).dev = r.vol;
+            let mut tx = Tx {
+                vol: r.vol,
+                reactor: index,
+                vt: vol_targets(targets, r.vol),
+                tio,
+            };
+            let t = &*table.entries()[r.target as usize].target;
+            let res = map_with(t, r.target, r.id, pool, fallback, &mut tx, None);
             if finish_map(res, r.id, r.vol, r.target, pool, complete_q, requeue, stats) {
                 submit_q.push_back(r.id);
             }
@@ -650,6 +727,9 @@ impl Reactor {
     /// How long the reactor may sleep before a requeued bio is due (None: nothing timed).
     pub fn next_timer(&self) -> Option<std::time::Duration> {
         let now = std::time::Instant::now();
+        let timer = self
+            .next_target_timer()
+            .map(|d| d.saturating_duration_since(now));
         self.requeue
             .iter()
             .map(|r| {
@@ -657,6 +737,7 @@ impl Reactor {
                     d.saturating_duration_since(now)
                 })
             })
+            .chain(timer)
             .min()
     }
 
@@ -669,7 +750,9 @@ impl Reactor {
     /// what to wait on. Returns false if the reactor must not sleep (work queued, or a leaf that
     /// completes only by polling has I/O in flight).
     pub fn prepare_wait(&mut self, fds: &mut Vec<std::os::fd::RawFd>) -> bool {
-        let mut may_sleep = self.is_idle() && !self.requeue.iter().any(|r| r.due.is_none());
+        let mut may_sleep = self.is_idle()
+            && !self.requeue.iter().any(|r| r.due.is_none())
+            && !self.waker.is_rung();
         for i in 0..self.pollers.len() {
             if let Some(Slot::Leaf(l)) = self.devs.get_mut(self.pollers[i].0 as usize) {
                 match l.chan.prepare_wait() {
@@ -798,12 +881,16 @@ impl Reactor {
 
     /// True when nothing is queued inside the reactor (leaves may still have I/O in flight).
     pub fn is_idle(&self) -> bool {
-        self.submit_q.is_empty() && self.complete_q.is_empty() && self.unplug.is_empty()
+        self.submit_q.is_empty()
+            && self.complete_q.is_empty()
+            && self.unplug.is_empty()
+            && !self.tio.has_work()
     }
 
     /// Dispatches what volume `vol`'s request queue lets out now: each request becomes a bio
     /// of its own, which the target maps (choosing a path) like any bio. Returns how many.
     fn dispatch(&mut self, vol: DevId) -> usize {
+        let index = self.index;
         let Reactor {
             pool,
             fallback,
@@ -812,8 +899,16 @@ impl Reactor {
             complete_q,
             requeue,
             stats,
+            targets,
+            tio,
             ..
         } = self;
+        let mut tx = Tx {
+            vol,
+            reactor: index,
+            vt: vol_targets(targets, vol),
+            tio,
+        };
         let Some(Slot::Volume(VolState {
             table: Some(table),
             rq: Some(q),
@@ -873,15 +968,8 @@ impl Reactor {
                 _pad: [0; 4],
             };
             rb.frames.push(FrameKind::Request, vol, &ctx, fallback);
-            let res = table.entries()[p.target as usize].target.map(
-                rb,
-                &mut MapCx {
-                    vol,
-                    target: p.target,
-                    id: r,
-                    fallback,
-                },
-            );
+            let t = &*table.entries()[p.target as usize].target;
+            let res = map_with(t, p.target, r, pool, fallback, &mut tx, None);
             if finish_map(res, r, vol, p.target, pool, complete_q, requeue, stats) {
                 submit_q.push_back(r);
             }
@@ -923,6 +1011,9 @@ impl Reactor {
             unplug,
             stats,
             copy_bufs,
+            targets,
+            tio,
+            index,
             ..
         } = self;
         loop {
@@ -990,6 +1081,9 @@ impl Reactor {
                             requeue,
                             stats,
                             bufs: copy_bufs,
+                            targets,
+                            tio,
+                            index: *index,
                         };
                         if !cx.map_copy(table, dev, id) {
                             return;
@@ -1001,8 +1095,15 @@ impl Reactor {
                     };
                     let table = v.table.as_deref().expect("checked above");
                     let rq = v.rq.as_mut().map(|q| (q, &mut *unplug));
+                    let mut tx = Tx {
+                        vol: dev,
+                        reactor: *index,
+                        vt: vol_targets(targets, dev),
+                        tio,
+                    };
                     if !map_in_table(
                         table, dev, id, pool, fallback, submit_q, complete_q, requeue, stats, rq,
+                        &mut tx,
                     ) {
                         return;
                     }
@@ -1018,7 +1119,15 @@ impl Reactor {
 
     /// Pops frames until a layer keeps the bio, a split waits for its other pieces, or the
     /// top-level I/O is done.
-    fn run_complete(&mut self, mut id: BioId) {
+    fn run_complete(&mut self, id: BioId) {
+        if let Some((child, vol, target)) = self.run_complete_frames(id) {
+            self.child_complete(child, vol, target);
+        }
+    }
+
+    /// `run_complete`'s frame walk. Returns a child bio whose bottom frame was reached: the
+    /// caller hands it to `child_complete`, which needs the whole reactor.
+    fn run_complete_frames(&mut self, mut id: BioId) -> Option<(BioId, DevId, u16)> {
         let Reactor {
             pool,
             fallback,
@@ -1030,6 +1139,9 @@ impl Reactor {
             unplug,
             stats,
             copy_bufs,
+            targets,
+            tio,
+            index,
             ..
         } = self;
         loop {
@@ -1056,7 +1168,7 @@ impl Reactor {
                             } else {
                                 submit_q.push_back(id);
                             }
-                            return;
+                            return None;
                         }
                     }
                     FrameKind::Split => {
@@ -1066,7 +1178,7 @@ impl Reactor {
                         if ctx.pending > 0 {
                             // Park: the last clone to finish resumes the parent.
                             bio.frames.set_ctx_at(h.ctx_off, &ctx);
-                            return;
+                            return None;
                         }
                         bio.frames.pop();
                         restore(pool, id, &ctx, h.dev);
@@ -1078,13 +1190,29 @@ impl Reactor {
                         };
                         let table = v.table.as_deref().expect("target frame without a table");
                         let t = &table.entries()[target as usize].target;
-                        let mut cx = EndioCx {
-                            id,
-                            resubmit: submit_q,
+                        let root = bio.root;
+                        let mut tx = Tx {
+                            vol: h.dev,
+                            reactor: *index,
+                            vt: vol_targets(targets, h.dev),
+                            tio,
                         };
-                        match t.end_io(bio, &mut cx) {
+                        let mut cx = tx.cx(target, Some(id), Some(root), fallback);
+                        let r = t.end_io(bio, &mut cx);
+                        match r {
                             Endio::Done => {}
-                            Endio::Keep => return,
+                            Endio::Park { key } | Endio::Hold { key } => {
+                                // Parked as `map` saw it: the target put the sector back.
+                                bio.dev = h.dev;
+                                tx.vt.slots[target as usize].parked.push(
+                                    crate::target::cx::Parked {
+                                        id,
+                                        key,
+                                        pinned: matches!(r, Endio::Hold { .. }),
+                                    },
+                                );
+                                return None;
+                            }
                             Endio::Requeue => {
                                 // Failover: map again through the same target at once.
                                 bio.dev = h.dev;
@@ -1096,10 +1224,11 @@ impl Reactor {
                                     target,
                                     due: None,
                                 });
-                                return;
+                                return None;
                             }
                         }
                     }
+                    FrameKind::Child { target } => return Some((id, h.dev, target)),
                     FrameKind::CopyEmu => {
                         unreachable!(
                             "a parked copy piece completes through its steps, not its queue"
@@ -1149,7 +1278,7 @@ impl Reactor {
                             q.plugged = true;
                             unplug.push(h.dev);
                         }
-                        return;
+                        return None;
                     }
                 },
                 None => match bio
@@ -1168,9 +1297,12 @@ impl Reactor {
                             requeue,
                             stats,
                             bufs: copy_bufs,
+                            targets,
+                            tio,
+                            index: *index,
                         };
                         if !cx.emu_step_done(parent, status) {
-                            return;
+                            return None;
                         }
                         // The piece is done: complete it upward.
                         id = parent;
@@ -1184,7 +1316,7 @@ impl Reactor {
                         ctx.pending -= 1;
                         if ctx.pending > 0 {
                             p.frames.set_ctx_at(off, &ctx);
-                            return;
+                            return None;
                         }
                         // The parent is parked on that split frame: finish it.
                         let h = p
@@ -1211,12 +1343,21 @@ impl Reactor {
                         });
                         pool.free(id, fallback);
                         stats.completed += 1;
-                        return;
+                        return None;
                     }
                 },
             }
         }
     }
+}
+
+/// The target slots of volume `dev` (made empty if this reactor has none yet).
+fn vol_targets(targets: &mut Vec<VolTargets>, dev: DevId) -> &mut VolTargets {
+    let i = dev.0 as usize;
+    if targets.len() <= i {
+        targets.resize_with(i + 1, VolTargets::default);
+    }
+    &mut targets[i]
 }
 
 fn is_copy_emu(pool: &BioPool, parent: BioId, off: u32) -> bool {
@@ -1252,6 +1393,7 @@ fn map_in_table(
     requeue: &mut VecDeque<Requeued>,
     stats: &mut ReactorStats,
     mut rq: Option<(&mut RequestQueue, &mut Vec<DevId>)>,
+    tx: &mut Tx<'_>,
 ) -> bool {
     let entries = table.entries();
     let mut split_off: Option<u32> = None;
@@ -1304,14 +1446,14 @@ fn map_in_table(
                 enqueue(q, unplug, vol, pool, c, ti, stats);
                 continue;
             }
-            let r = entries[ti as usize].target.map(
-                cb,
-                &mut MapCx {
-                    vol,
-                    target: ti,
-                    id: c,
-                    fallback,
-                },
+            let r = map_with(
+                &*entries[ti as usize].target,
+                ti,
+                c,
+                pool,
+                fallback,
+                tx,
+                None,
             );
             if finish_map(r, c, vol, ti, pool, complete_q, requeue, stats) {
                 submit_q.push_back(c);
@@ -1325,15 +1467,14 @@ fn map_in_table(
             enqueue(q, unplug, vol, pool, id, ti, stats);
             return false;
         }
-        let b = pool.get_mut(id);
-        let r = entries[ti as usize].target.map(
-            b,
-            &mut MapCx {
-                vol,
-                target: ti,
-                id,
-                fallback,
-            },
+        let r = map_with(
+            &*entries[ti as usize].target,
+            ti,
+            id,
+            pool,
+            fallback,
+            tx,
+            None,
         );
         return finish_map(r, id, vol, ti, pool, complete_q, requeue, stats);
     }
@@ -1350,16 +1491,7 @@ fn map_in_table(
                 enqueue(q, unplug, vol, pool, id, ti as u16, stats);
                 return false;
             }
-            let bio = pool.get_mut(id);
-            let r = e.target.map(
-                bio,
-                &mut MapCx {
-                    vol,
-                    target: ti as u16,
-                    id,
-                    fallback,
-                },
-            );
+            let r = map_with(&*e.target, ti as u16, id, pool, fallback, tx, None);
             return finish_map(r, id, vol, ti as u16, pool, complete_q, requeue, stats);
         }
         // Cut the leading `n` sectors off as a clone pointing into the parent's data.
@@ -1405,16 +1537,7 @@ fn map_in_table(
             enqueue(q, unplug, vol, pool, c, ti as u16, stats);
             continue;
         }
-        let cb = pool.get_mut(c);
-        let r = e.target.map(
-            cb,
-            &mut MapCx {
-                vol,
-                target: ti as u16,
-                id: c,
-                fallback,
-            },
-        );
+        let r = map_with(&*e.target, ti as u16, c, pool, fallback, tx, None);
         if finish_map(r, c, vol, ti as u16, pool, complete_q, requeue, stats) {
             submit_q.push_back(c);
         }
@@ -1457,7 +1580,8 @@ fn finish_map(
 ) -> bool {
     match r {
         MapResult::Remapped => true,
-        MapResult::Submitted => false,
+        // Recorded on the target's parked list by `map_with`.
+        MapResult::Park { .. } | MapResult::Hold { .. } => false,
         MapResult::Done(s) => {
             pool.get_mut(id).status = s;
             complete_q.push_back(id);
@@ -1478,6 +1602,9 @@ fn finish_map(
 
 /// What the copy paths touch: the reactor's parts, borrowed apart.
 struct CopyCx<'a> {
+    targets: &'a mut Vec<VolTargets>,
+    tio: &'a mut TargetIo,
+    index: usize,
     devs: &'a [Slot],
     pool: &'a mut BioPool,
     fallback: &'a mut FrameFallback,
@@ -1754,15 +1881,13 @@ impl CopyCx<'_> {
             }
             _ => unreachable!(),
         };
-        let r = t.map(
-            cb,
-            &mut MapCx {
-                vol,
-                target: ti,
-                id: c,
-                fallback: self.fallback,
-            },
-        );
+        let mut tx = Tx {
+            vol,
+            reactor: self.index,
+            vt: vol_targets(self.targets, vol),
+            tio: self.tio,
+        };
+        let r = map_with(&**t, ti, c, self.pool, self.fallback, &mut tx, None);
         if finish_map(
             r,
             c,
