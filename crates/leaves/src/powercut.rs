@@ -131,6 +131,7 @@ pub struct PowerCutStats {
     pub fua_writes: u64,
     /// Flushes done: `Op::Flush` bios and writes with PREFLUSH.
     pub flushes: u64,
+    /// Reads served (from the current image).
     pub reads: u64,
     /// I/O refused because the power was off.
     pub failed_after_cut: u64,
@@ -138,9 +139,11 @@ pub struct PowerCutStats {
     pub cut_at_write: Option<u64>,
     /// Unflushed, non-FUA writes in the cache at the cut.
     pub unflushed_at_cut: u64,
-    /// Of those: persisted whole, lost entirely, persisted in part.
+    /// Of those, writes that persisted whole.
     pub persisted_at_cut: u64,
+    /// Of those, writes of which no sector persisted.
     pub lost_at_cut: u64,
+    /// Of those, writes of which some sectors persisted and some did not.
     pub torn_at_cut: u64,
 }
 
@@ -452,7 +455,7 @@ impl PowerCutLeaf {
     /// content is `image`, whose length must be a whole number of sectors. Control path or test
     /// thread; allocates a second copy for the current image.
     pub fn from_image(image: Vec<u8>, opts: PowerCutOptions) -> std::io::Result<PowerCutLeaf> {
-        if image.len() % SECTOR_SIZE != 0 {
+        if !image.len().is_multiple_of(SECTOR_SIZE) {
             return Err(invalid("image length is not a whole number of sectors"));
         }
         PowerCutLeaf::with_image(image, opts)
@@ -499,7 +502,7 @@ impl PowerCutLeaf {
     pub fn parse_args(args: &str) -> Result<(u64, PowerCutOptions), String> {
         let mut words = args.split_whitespace();
         let size = parse_size(words.next().ok_or("missing size")?)?;
-        if size % SS != 0 {
+        if !size.is_multiple_of(SS) {
             return Err(format!("size {size} is not a whole number of sectors"));
         }
         let num = |k: &str, v: &str| {
@@ -541,7 +544,7 @@ impl PowerCutLeaf {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The options the leaf was made with.
+    /// The options the leaf was made with. Any thread; no lock, no allocation.
     pub fn options(&self) -> PowerCutOptions {
         self.opts
     }
@@ -553,13 +556,13 @@ impl PowerCutLeaf {
         self.lock().cut()
     }
 
-    /// True once the power is off.
+    /// True once the power is off. Any thread; takes the device lock briefly.
     pub fn is_cut(&self) -> bool {
         self.lock().cut
     }
 
     /// The write count after which the leaf cuts by itself (`cut_after` / `cut_random`,
-    /// resolved from the seed), if any.
+    /// resolved from the seed), if any. Any thread; takes the device lock briefly.
     pub fn cut_point(&self) -> Option<u64> {
         self.lock().cut_point
     }
