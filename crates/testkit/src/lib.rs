@@ -4,4 +4,5 @@
 pub use stackbd_core::alloc_count as alloc;
 pub mod model;
 pub mod rng;
+pub mod shadow;
 pub mod stackgen;
