@@ -5,6 +5,7 @@ pub mod mem;
 pub mod nbd_client;
 pub mod null;
 mod region;
+pub mod registry;
 
 pub use file::FileLeaf;
 pub use mem::MemLeaf;
