@@ -539,7 +539,7 @@ fn leaves_mem_null_and_file() {
     let rows: Vec<Vec<&str>> = ls.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(
         rows[0],
-        ["NAME", "KIND", "SECTORS", "SIZE", "ARGS", "USED", "BY"]
+        ["NAME", "KIND", "SECTORS", "SIZE", "USED", "BY", "PARAMS"]
     );
     let row = |name: &str| {
         rows.iter()
@@ -551,15 +551,20 @@ fn leaves_mem_null_and_file() {
     assert_eq!(row("nx")[1..4], ["null", "131072", "64"]);
     let fx = row("fx");
     assert_eq!(fx[1..4], ["file", "4096", "2"]);
-    assert_eq!(fx[5], img.to_str().unwrap());
-    assert_eq!(fx[6], "-");
+    assert_eq!(fx[5], "-");
+    assert_eq!(
+        fx[6..],
+        [
+            format!("path=\"{}\"", img.display()).as_str(),
+            "direct=false",
+            "queue_depth=256"
+        ]
+    );
+    assert_eq!(row("mx")[6..], ["size=\"1GiB\""]);
 
     // A volume on the file leaf: the leaf cannot go while it is used.
     d.ok(&["create", "onfile", "--table", "0 4096 linear fx 0"]);
-    assert_eq!(
-        row_of(&d.ok(&["leaf", "ls"]), "fx").last().unwrap(),
-        "onfile"
-    );
+    assert_eq!(row_of(&d.ok(&["leaf", "ls"]), "fx")[5], "onfile");
     let err = d.fail(&["leaf", "rm", "fx"]);
     assert!(
         err.contains("'fx' is busy: used by volume 'onfile'"),
@@ -870,7 +875,7 @@ fn state_file_follows_every_change_and_restores_on_restart() {
     d.ok(&["leaf", "add", "n9", "null", "1MiB"]);
     let st = d.check_state();
     assert!(
-        st.contains("[leaf.n9]\nkind = \"null\"\nsize = \"1048576\""),
+        st.contains("[leaf.n9]\nkind = \"null\"\nsize = \"1MiB\"\n"),
         "{st}"
     );
 
