@@ -190,7 +190,7 @@ impl TimeSpan {
             .map_err(|_| bad("expected a positive number"))?;
         let scale = 10u128.pow(frac.len() as u32);
         let ns = digits.checked_mul(unit_ns).ok_or_else(|| bad("too long"))?;
-        if ns % scale != 0 {
+        if !ns.is_multiple_of(scale) {
             return Err(bad("finer than a nanosecond"));
         }
         let ns = ns / scale;
@@ -220,7 +220,7 @@ impl fmt::Display for TimeSpan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ns = self.0.as_nanos();
         for (unit, per) in [("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)] {
-            if ns % per == 0 {
+            if ns.is_multiple_of(per) {
                 return write!(f, "{}{unit}", ns / per);
             }
         }
