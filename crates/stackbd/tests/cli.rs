@@ -851,6 +851,14 @@ fn control_socket_is_private_and_survives_bad_requests() {
         br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"file","path":"rel.img"}"#,
         "is relative",
     );
+    s.refused(
+        br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"tape","size":4096}"#,
+        "unknown kind 'tape' (known: mem, null, file, nbd)",
+    );
+    s.refused(
+        br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"nbd","params":{"uri":"nbd://h/e","timeout":"99999999999999999999s"}}"#,
+        "leaf 'z': timeout: invalid duration",
+    );
     // Blank lines are skipped; the same connection still answers.
     s.w.write_all(b"\n  \n").unwrap();
     let r = s.send(br#"{"v":1,"cmd":"ping"}"#);
@@ -858,8 +866,9 @@ fn control_socket_is_private_and_survives_bad_requests() {
     assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(r["pid"], d.pid());
     // Every command works over the raw socket too.
-    let r = s.send(br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"null","size":4096}"#);
+    let r = s.send(br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"null","params":{"size":4096}}"#);
     assert_eq!(r["leaf"]["sectors"], 8);
+    assert_eq!(r["leaf"]["params"], serde_json::json!({"size": "4KiB"}));
     let r = s.send(br#"{"v":1,"cmd":"create","name":"q","table":"0 8 linear z 0"}"#);
     assert_eq!(r["info"]["sectors"], 8);
     let r = s.send(br#"{"v":1,"cmd":"remove","name":"q","force":null}"#);
