@@ -6,6 +6,7 @@ pub mod nbd_client;
 pub mod null;
 pub mod powercut;
 mod region;
+pub mod registry;
 
 pub use file::FileLeaf;
 pub use mem::MemLeaf;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod leaf;
+
 /// How to reach the daemon and how to print; on every verb.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Conn {
@@ -203,18 +205,30 @@ pub enum Verb {
 
 #[derive(Subcommand, Debug)]
 pub enum LeafCmd {
-    /// Add a leaf: `m0 mem 1GiB`, `n0 null 1GiB`, `f0 file /path/disk.img [--direct]`,
-    /// `r0 nbd nbd://host:port/export` (or `nbd+unix:///export?socket=PATH`).
+    /// Add a leaf: `m0 mem 1GiB`, `n0 null 1GiB`, `f0 file /path/disk.img [--direct]
+    /// [--queue-depth N]`, `r0 nbd nbd://host:port/export [--connections N] [--timeout 5s]`
+    /// (or `nbd+unix:///export?socket=PATH`); any parameter also as KEY=VALUE
+    /// (`queue_depth=8`), as the config file names it.
     Add {
         name: String,
-        /// mem, null or file.
+        /// mem, null, file or nbd.
         kind: String,
-        /// The size (mem, null: bytes or 512K, 64MiB, 1GiB...) or the path (file).
-        #[arg(value_name = "SIZE|PATH")]
-        arg: String,
+        /// The main parameter (mem, null: the size, bytes or 512K, 64MiB, 1GiB...; file: the
+        /// path; nbd: the URI), then KEY=VALUE parameters.
+        #[arg(value_name = "SIZE|PATH|URI|KEY=VALUE", required = true)]
+        args: Vec<String>,
         /// O_DIRECT (file leaves).
         #[arg(long)]
         direct: bool,
+        /// Ring depth per reactor (file leaves, 1..=4096, default 256).
+        #[arg(long, value_name = "N")]
+        queue_depth: Option<u32>,
+        /// Connections per reactor when the server allows multi-conn (nbd leaves, 1..=64).
+        #[arg(long, value_name = "N")]
+        connections: Option<u32>,
+        /// A request older than this is a path error (nbd leaves: 5s, 500ms; default 30s).
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -536,29 +550,21 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
             LeafCmd::Add {
                 name,
                 kind,
-                arg,
+                args,
                 direct,
+                queue_depth,
+                connections,
+                timeout,
                 ..
             } => {
-                let mut a = json!({"name": name, "kind": kind});
-                if kind == "file" {
-                    // The daemon runs elsewhere: a relative path means nothing to it.
-                    let p = std::path::absolute(arg)
-                        .map_err(|e| format!("cannot make '{arg}' an absolute path: {e}"))?;
-                    a["path"] = json!(p.to_string_lossy());
-                    a["direct"] = json!(direct);
-                } else if kind == "nbd" {
-                    if *direct {
-                        return Err("--direct applies to file leaves, not nbd".into());
-                    }
-                    a["uri"] = json!(arg);
-                } else {
-                    if *direct {
-                        return Err(format!("--direct applies to file leaves, not {kind}"));
-                    }
-                    a["size"] = json!(arg);
-                }
-                ("leaf_add", a)
+                let a = leaf::AddArgs {
+                    args,
+                    direct: *direct,
+                    queue_depth: *queue_depth,
+                    connections: *connections,
+                    timeout: timeout.as_deref(),
+                };
+                ("leaf_add", leaf::add_request(name, kind, &a)?)
             }
             LeafCmd::Rm { name, .. } => ("leaf_rm", json!({ "name": name })),
             LeafCmd::Ls { .. } => ("leaf_ls", json!({})),
@@ -730,7 +736,7 @@ fn render(v: &Verb, r: &Value) -> String {
             if leaves.is_empty() {
                 return "No leaves\n".into();
             }
-            let mut rows = vec![["NAME", "KIND", "SECTORS", "SIZE", "ARGS", "USED BY"]
+            let mut rows = vec![["NAME", "KIND", "SECTORS", "SIZE", "USED BY", "PARAMS"]
                 .map(String::from)
                 .to_vec()];
             for l in leaves {
@@ -743,12 +749,12 @@ fn render(v: &Verb, r: &Value) -> String {
                     s(l, "kind").into(),
                     n(l, "sectors").to_string(),
                     human_bytes(n(l, "bytes")),
-                    s(l, "args").into(),
                     if users.is_empty() {
                         "-".into()
                     } else {
                         users.join(",")
                     },
+                    leaf::params_text(s(l, "kind"), &l["params"]),
                 ]);
             }
             columns(&rows)

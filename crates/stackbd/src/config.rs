@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [leaf.m0]
-//! kind = "mem"          # mem | null | file | nbd
+//! kind = "mem"          # mem | null | file | nbd (stackbd_leaves::registry::KINDS)
 //! size = "1GiB"         # bytes, or a whole number with B, K/KiB, M/MiB, G/GiB, T/TiB (binary)
 //!
 //! [leaf.f0]
@@ -32,29 +32,26 @@
 //! the table line, field and reason the engine gave.
 
 use serde::Deserialize;
-use stackbd_core::table::TableError;
-use stackbd_core::{Engine, EngineError, Leaf, ReactorConfig, SECTOR_SIZE};
-use stackbd_leaves::file::{FileOptions, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
-use stackbd_leaves::nbd_client::{NbdOptions, NbdUri};
-use stackbd_leaves::{FileLeaf, MemLeaf, NbdLeaf, NullLeaf};
+use stackbd_core::{Engine, EngineError, ReactorConfig};
+pub use stackbd_leaves::registry::parse_size;
+use stackbd_leaves::registry::LeafParams;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use toml::{Spanned, Value};
 
+mod error;
 mod graph;
+mod leaf;
+
+pub use error::{ConfigError, ConfigErrors, ErrorKind, Section};
 
 // ---------------------------------------------------------------------------------------------
 // The parsed configuration
 // ---------------------------------------------------------------------------------------------
 
-/// Leaf kinds the config accepts, as written in `kind = "..."`.
-pub const LEAF_KINDS: &[&str] = &["mem", "null", "file", "nbd"];
-
 /// A whole configuration file, items in the order the file declares them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     /// The file it came from, if any (error messages start with it).
     pub path: Option<PathBuf>,
@@ -78,93 +75,14 @@ impl Config {
 }
 
 /// `[leaf.NAME]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LeafDecl {
     pub name: String,
     /// 1-based file line of the section's first key.
     pub line: usize,
-    pub spec: LeafSpec,
-}
-
-/// What a leaf is; one variant per `kind`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LeafSpec {
-    /// Sparse RAM.
-    Mem { size_bytes: u64 },
-    /// Reads zeros, drops writes.
-    Null { size_bytes: u64 },
-    /// A regular file or a block device, through io_uring; sized by the file.
-    File {
-        path: PathBuf,
-        /// `O_DIRECT`.
-        direct: bool,
-        /// Ring depth per reactor.
-        queue_depth: u32,
-    },
-    /// A remote NBD export: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
-    Nbd {
-        uri: String,
-        /// Connections per reactor (1 unless the server allows multi-conn).
-        connections: u32,
-        /// A request older than this is a path error (`Timeout`).
-        timeout: std::time::Duration,
-    },
-}
-
-impl LeafSpec {
-    /// The `kind` as written in the file.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            LeafSpec::Mem { .. } => "mem",
-            LeafSpec::Null { .. } => "null",
-            LeafSpec::File { .. } => "file",
-            LeafSpec::Nbd { .. } => "nbd",
-        }
-    }
-
-    /// The declared size, for kinds that declare one.
-    pub fn size_bytes(&self) -> Option<u64> {
-        match self {
-            LeafSpec::Mem { size_bytes } | LeafSpec::Null { size_bytes } => Some(*size_bytes),
-            LeafSpec::File { .. } | LeafSpec::Nbd { .. } => None,
-        }
-    }
-
-    /// Creates the leaf device.
-    pub fn create(&self) -> std::io::Result<Arc<dyn Leaf>> {
-        Ok(match self {
-            LeafSpec::Mem { size_bytes } => Arc::new(MemLeaf::new(*size_bytes)?),
-            LeafSpec::Null { size_bytes } => Arc::new(NullLeaf::new(*size_bytes)),
-            LeafSpec::File {
-                path,
-                direct,
-                queue_depth,
-            } => {
-                let opts = FileOptions {
-                    direct: *direct,
-                    queue_depth: *queue_depth,
-                    ..FileOptions::default()
-                };
-                // The open error alone ("No such file or directory") does not say which file.
-                let leaf = FileLeaf::open(path, opts).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-                })?;
-                Arc::new(leaf)
-            }
-            LeafSpec::Nbd {
-                uri,
-                connections,
-                timeout,
-            } => {
-                let opts = NbdOptions {
-                    connections: *connections,
-                    timeout: *timeout,
-                    ..NbdOptions::default()
-                };
-                Arc::new(NbdLeaf::connect(uri, opts)?)
-            }
-        })
-    }
+    /// Its kind and parameters (relative paths already resolved against the config's folder),
+    /// as the registry reads them; the daemon keeps them to write the state file.
+    pub params: LeafParams,
 }
 
 /// `[volume.NAME]`.
@@ -201,241 +119,8 @@ pub struct ExportDecl {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------------
-
-/// Which part of the file an error is about.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Section {
-    Leaf(String),
-    Volume(String),
-    Export(String),
-}
-
-impl Section {
-    pub fn name(&self) -> &str {
-        match self {
-            Section::Leaf(n) | Section::Volume(n) | Section::Export(n) => n,
-        }
-    }
-
-    fn table_name(&self) -> &'static str {
-        match self {
-            Section::Leaf(_) => "leaf",
-            Section::Volume(_) => "volume",
-            Section::Export(_) => "export",
-        }
-    }
-}
-
-/// `[leaf.m0]`, quoting the name when TOML needs it.
-impl fmt::Display for Section {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.name();
-        let bare = !n.is_empty()
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if bare {
-            write!(f, "[{}.{n}]", self.table_name())
-        } else {
-            write!(f, "[{}.{n:?}]", self.table_name())
-        }
-    }
-}
-
-/// What went wrong.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The file could not be read.
-    Read(String),
-    /// TOML syntax, or a section or value of the wrong shape.
-    Toml(String),
-    /// A key or value of a section.
-    Invalid(String),
-    /// The engine refused a volume's table.
-    Table(TableError),
-    /// Volumes that name each other (or themselves): `path` runs from the reported volume back
-    /// to it; `others` are further volumes caught in the same loop.
-    Cycle {
-        path: Vec<String>,
-        others: Vec<String>,
-    },
-    /// Not built because something it uses failed.
-    Skipped { uses: String, why: String },
-    /// Any other refusal from the engine.
-    Engine(String),
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ErrorKind::Read(e) => write!(f, "cannot read: {e}"),
-            ErrorKind::Toml(e) | ErrorKind::Invalid(e) | ErrorKind::Engine(e) => f.write_str(e),
-            ErrorKind::Table(e) => write!(f, "table line {}: {}: {}", e.line, e.field, e.reason),
-            ErrorKind::Cycle { path, others } => {
-                write!(
-                    f,
-                    "volume '{}' would stack on itself: {}",
-                    path[0],
-                    path.join(" -> ")
-                )?;
-                if !others.is_empty() {
-                    write!(f, " (also in the loop: {})", others.join(", "))?;
-                }
-                Ok(())
-            }
-            ErrorKind::Skipped { uses, why } => write!(f, "skipped: it uses {uses}, which {why}"),
-        }
-    }
-}
-
-/// One error, located: `PATH:LINE[:COL]: [section.name]: what`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub path: Option<PathBuf>,
-    /// 1-based file line.
-    pub line: Option<usize>,
-    /// 1-based column (TOML syntax errors only).
-    pub column: Option<usize>,
-    pub section: Option<Section>,
-    pub kind: ErrorKind,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut loc = String::new();
-        if let Some(p) = &self.path {
-            loc.push_str(&p.display().to_string());
-        }
-        if let Some(l) = self.line {
-            if !loc.is_empty() {
-                loc.push(':');
-            }
-            loc.push_str(&l.to_string());
-            if let Some(c) = self.column {
-                loc.push_str(&format!(":{c}"));
-            }
-        }
-        if !loc.is_empty() {
-            write!(f, "{loc}: ")?;
-        }
-        if let Some(s) = &self.section {
-            write!(f, "{s}: ")?;
-        }
-        write!(f, "{}", self.kind)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Every error found, in file order. Displays one per line.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl ConfigErrors {
-    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
-        self.0.iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl From<ConfigError> for ConfigErrors {
-    fn from(e: ConfigError) -> Self {
-        ConfigErrors(vec![e])
-    }
-}
-
-impl IntoIterator for ConfigErrors {
-    type Item = ConfigError;
-    type IntoIter = std::vec::IntoIter<ConfigError>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
-    }
-}
-
-impl<'a> IntoIterator for &'a ConfigErrors {
-    type Item = &'a ConfigError;
-    type IntoIter = std::slice::Iter<'a, ConfigError>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-// ---------------------------------------------------------------------------------------------
 // Sizes
 // ---------------------------------------------------------------------------------------------
-
-const SIZE_HELP: &str =
-    "expected bytes, or a whole number with a unit: B, K/KiB, M/MiB, G/GiB, T/TiB (1K = 1024)";
-
-/// Parses a size: `4096`, `"4096"`, `"512B"`, `"64K"`, `"64KiB"`, `"1 GiB"`, ... Units are binary
-/// (`K` = `KiB` = 1024); decimal units (`KB`, `GB`...) and fractions are refused.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
-    let (num, unit) = t.split_at(digits);
-    let unit = unit.trim_start();
-    let shift = match unit {
-        "" | "B" => 0,
-        "K" | "KiB" => 10,
-        "M" | "MiB" => 20,
-        "G" | "GiB" => 30,
-        "T" | "TiB" => 40,
-        "KB" | "MB" | "GB" | "TB" | "kB" => {
-            return Err(format!(
-                "invalid size '{text}': '{unit}' is ambiguous; write {}iB (binary) or the \
-                 number of bytes",
-                &unit[..1].to_ascii_uppercase()
-            ))
-        }
-        _ => return Err(format!("invalid size '{text}': {SIZE_HELP}")),
-    };
-    if num.is_empty() {
-        return Err(format!("invalid size '{text}': {SIZE_HELP}"));
-    }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{text}': too large"))?;
-    let bytes = n
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size '{text}': too large"))?;
-    check_size(&format!("'{text}'"), bytes)
-}
-
-/// Checks a size in bytes; `shown` is how the file wrote it.
-fn check_size(shown: &str, bytes: u64) -> Result<u64, String> {
-    if bytes == 0 {
-        return Err(format!("invalid size {shown}: a leaf cannot be empty"));
-    }
-    if !bytes.is_multiple_of(SECTOR_SIZE as u64) {
-        return Err(format!(
-            "invalid size {shown}: {bytes} bytes is not a whole number of {SECTOR_SIZE}-byte \
-             sectors"
-        ));
-    }
-    Ok(bytes)
-}
 
 /// Bytes for people: `1 GiB`, `1.5 MiB`, `512 B`.
 pub fn human_bytes(bytes: u64) -> String {
@@ -641,32 +326,6 @@ impl Fields {
         }
     }
 
-    /// A required size in bytes: an integer, or a string with a unit.
-    fn size(&mut self, cx: &mut Cx<'_>, key: &str, takes: &str) -> Option<u64> {
-        let v = match self.take(key) {
-            Some(v) => v,
-            None => {
-                self.missing(cx, key, takes);
-                return None;
-            }
-        };
-        let r = match v.get_ref() {
-            Value::Integer(n) if *n < 0 => Err(format!("invalid size {n}: negative")),
-            Value::Integer(n) => check_size(&n.to_string(), *n as u64),
-            Value::String(s) => parse_size(s),
-            Value::Float(x) => Err(format!("invalid size {x}: {SIZE_HELP}")),
-            _ => {
-                self.wrong_type(cx, key, "a size (bytes, or a string like \"1GiB\")", &v);
-                return None;
-            }
-        };
-        r.map_err(|e| {
-            let line = cx.lines.line(v.span().start);
-            self.invalid(cx, Some(line), format!("{key}: {e}"));
-        })
-        .ok()
-    }
-
     /// Reports every key nobody took.
     fn finish(self, cx: &mut Cx<'_>, takes: &str) {
         let mut left: Vec<_> = self.map.iter().collect();
@@ -685,130 +344,6 @@ fn check_name(cx: &mut Cx<'_>, f: &Fields) -> bool {
     } else {
         f.invalid(cx, None, EngineError::BadName(name.to_string()).to_string());
         false
-    }
-}
-
-fn read_leaf(cx: &mut Cx<'_>, name: &str, map: RawSection) -> Option<LeafDecl> {
-    let mut f = Fields::new(cx, Section::Leaf(name.to_string()), map);
-    let name_ok = check_name(cx, &f);
-    let known = LEAF_KINDS.join(", ");
-    let Some((kind, span)) = f.string(cx, "kind", &format!("one of: {known}")) else {
-        // Without a kind nothing else can be judged; the other keys are not reported.
-        return None;
-    };
-    let line = cx.lines.line(span.start);
-    // One arm per kind: read its keys, then report the rest as unknown.
-    let spec = match kind.as_str() {
-        "mem" => {
-            const TAKES: &str = "mem leaves take: kind, size";
-            let size = f.size(cx, "size", TAKES);
-            f.finish(cx, TAKES);
-            LeafSpec::Mem { size_bytes: size? }
-        }
-        "null" => {
-            const TAKES: &str = "null leaves take: kind, size";
-            let size = f.size(cx, "size", TAKES);
-            f.finish(cx, TAKES);
-            LeafSpec::Null { size_bytes: size? }
-        }
-        "file" => {
-            const TAKES: &str = "file leaves take: kind, path, direct, queue_depth";
-            let path = f.string(cx, "path", TAKES);
-            let direct = f.bool(cx, "direct", false);
-            let queue_depth = f.integer(cx, "queue_depth", 1..=MAX_QUEUE_DEPTH as i64);
-            let path = path.and_then(|(path, span)| {
-                if path.is_empty() {
-                    let line = cx.lines.line(span.start);
-                    f.invalid(cx, Some(line), "path: empty".to_string());
-                    return None;
-                }
-                Some(path)
-            });
-            f.finish(cx, TAKES);
-            let path = path?;
-            // Relative to the config file, not to wherever the program was started.
-            let path = match cx.path.and_then(Path::parent) {
-                Some(dir) if Path::new(&path).is_relative() => dir.join(path),
-                _ => PathBuf::from(path),
-            };
-            LeafSpec::File {
-                path,
-                direct: direct?,
-                queue_depth: queue_depth?.map_or(DEFAULT_QUEUE_DEPTH, |n| n as u32),
-            }
-        }
-        "nbd" => {
-            const TAKES: &str = "nbd leaves take: kind, uri, connections, timeout";
-            let uri = f.string(cx, "uri", TAKES).and_then(|(uri, span)| {
-                let check = NbdUri::parse(&uri).map(|_| ());
-                check
-                    .map(|()| uri)
-                    .map_err(|e| {
-                        let line = cx.lines.line(span.start);
-                        f.invalid(cx, Some(line), format!("uri: {e}"));
-                    })
-                    .ok()
-            });
-            let connections = f.integer(cx, "connections", 1..=64);
-            let timeout = match f.take("timeout") {
-                None => Some(NbdOptions::default().timeout),
-                Some(v) => {
-                    let r = match v.get_ref() {
-                        Value::String(s) => parse_duration(s),
-                        Value::Integer(n) if *n > 0 => {
-                            Ok(std::time::Duration::from_secs(*n as u64))
-                        }
-                        _ => Err("expected a duration like \"5s\" or \"500ms\"".to_string()),
-                    };
-                    r.map_err(|e| {
-                        let line = cx.lines.line(v.span().start);
-                        f.invalid(cx, Some(line), format!("timeout: {e}"));
-                    })
-                    .ok()
-                }
-            };
-            f.finish(cx, TAKES);
-            LeafSpec::Nbd {
-                uri: uri?,
-                connections: connections?.map_or(1, |n| n as u32),
-                timeout: timeout?,
-            }
-        }
-        other => {
-            f.invalid(
-                cx,
-                Some(line),
-                format!("unknown kind '{other}' (known: {known})"),
-            );
-            return None;
-        }
-    };
-    name_ok.then(|| LeafDecl {
-        name: name.to_string(),
-        line,
-        spec,
-    })
-}
-
-/// A positive duration: a number with `ms`, `s` or `m` (`"5s"`, `"500ms"`, `"1.5s"`).
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let scale = match unit.trim() {
-        "ms" => 1e-3,
-        "s" | "" => 1.0,
-        "m" | "min" => 60.0,
-        _ => return Err(format!("invalid duration '{text}': use ms, s or m")),
-    };
-    match num.parse::<f64>() {
-        Ok(n) if n > 0.0 => std::time::Duration::try_from_secs_f64(n * scale)
-            .map_err(|e| format!("invalid duration '{text}': {e}")),
-        _ => Err(format!(
-            "invalid duration '{text}': expected a positive number"
-        )),
     }
 }
 
@@ -928,7 +463,7 @@ fn read(cx: &mut Cx<'_>) -> Option<Config> {
         ..Config::default()
     };
     for (name, map) in in_file_order(raw.leaf) {
-        match read_leaf(cx, &name, map) {
+        match leaf::read_leaf(cx, &name, map) {
             Some(l) => cfg.leaves.push(l),
             None => {
                 cx.broken.insert(Section::Leaf(name));
@@ -1055,16 +590,9 @@ fn build_in(
 
     for l in &cfg.leaves {
         let r = l
-            .spec
-            .create()
-            .map_err(|e| match l.spec.size_bytes() {
-                Some(size) => format!(
-                    "cannot create {} leaf of {}: {e}",
-                    l.spec.kind(),
-                    human_bytes(size)
-                ),
-                None => format!("cannot create {} leaf: {e}", l.spec.kind()),
-            })
+            .params
+            .build()
+            .map_err(|e| format!("cannot create {} leaf: {e}", l.params.kind_name()))
             .and_then(|leaf| engine.add_leaf(&l.name, leaf).map_err(|e| e.to_string()));
         if let Err(msg) = r {
             cx.error(
@@ -1302,178 +830,4 @@ pub fn check(path: impl AsRef<Path>, reactor: ReactorConfig) -> Result<Built, Co
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("512B"), Ok(512));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("3M"), Ok(3 << 20));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert_eq!(parse_size("2TiB"), Ok(2 << 40));
-        for bad in [
-            "", "GiB", "1.5GiB", "1XB", "-1G", "1 gib", "1Gi", "1 G B", "0", "0G",
-        ] {
-            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
-        }
-        assert!(parse_size("1GB").unwrap_err().contains("ambiguous"));
-        assert!(parse_size("1000").unwrap_err().contains("512-byte sectors"));
-        assert!(parse_size("99999999999T")
-            .unwrap_err()
-            .contains("too large"));
-    }
-
-    #[test]
-    fn human() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1 << 30), "1 GiB");
-        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
-        assert_eq!(human_bytes(4194304 * 512), "2 GiB");
-        assert_eq!(human_bytes(1 << 62), "4 EiB");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-    }
-
-    #[test]
-    fn reads_nbd_leaves() {
-        let text = "[leaf.n]\nkind = \"nbd\"\nuri = \"nbd://h:99/e\"\nconnections = 2\ntimeout = \"500ms\"\n";
-        let cfg = parse(text, None).unwrap();
-        assert_eq!(
-            cfg.leaves[0].spec,
-            LeafSpec::Nbd {
-                uri: "nbd://h:99/e".into(),
-                connections: 2,
-                timeout: std::time::Duration::from_millis(500),
-            }
-        );
-        assert_eq!(cfg.leaves[0].spec.kind(), "nbd");
-        let text = "[leaf.n]\nkind = \"nbd\"\nuri = \"nbd+unix:///e?socket=/s\"\n";
-        let cfg = parse(text, None).unwrap();
-        assert!(matches!(
-            &cfg.leaves[0].spec,
-            LeafSpec::Nbd { connections: 1, .. }
-        ));
-        assert!(parse("[leaf.n]\nkind = \"nbd\"\nuri = \"http://x\"\n", None).is_err());
-        assert!(parse(
-            "[leaf.n]\nkind = \"nbd\"\nuri = \"nbd://h/\"\ntimeout = \"5 parsecs\"\n",
-            None
-        )
-        .is_err());
-        assert!(parse("[leaf.n]\nkind = \"nbd\"\n", None).is_err());
-    }
-
-    #[test]
-    fn orders_volumes_by_dependency_in_file_order() {
-        let text = r#"
-            [leaf.m0]
-            kind = "null"
-            size = "1M"
-            [volume.top]
-            table = "0 8 linear mid 0"
-            [volume.mid]
-            table = "0 8 linear m0 0"
-            [volume.side]
-            table = "0 8 zero"
-        "#;
-        let b = check_text(text, None, ReactorConfig::default()).unwrap();
-        assert_eq!(b.order, ["mid", "top", "side"]);
-        let cfg = parse(text, None).unwrap();
-        assert_eq!(cfg.volumes[0].name, "top");
-        assert_eq!(cfg.volumes[0].line, 6);
-        assert_eq!(
-            build(&cfg, ReactorConfig::default()).unwrap().order,
-            b.order
-        );
-    }
-
-    #[test]
-    fn maps_table_lines_to_file_lines() {
-        let text = "[volume.v]\ntable = \"\"\"\n0 8 zero\n16 8 zero\n\"\"\"\n";
-        let e = check_text(text, None, ReactorConfig::default())
-            .err()
-            .unwrap();
-        assert_eq!(e.len(), 1);
-        assert_eq!(e.0[0].line, Some(4), "{e}");
-        assert!(matches!(&e.0[0].kind, ErrorKind::Table(t) if t.line == 2));
-        // Escapes break the mapping: fall back to the `table =` line.
-        let text = "[volume.v]\ntable = \"0 8 zero\\n16 8 zero\"\n";
-        let e = check_text(text, None, ReactorConfig::default())
-            .err()
-            .unwrap();
-        assert_eq!(e.0[0].line, Some(2), "{e}");
-    }
-
-    #[test]
-    fn reports_a_cycle_once_with_its_path() {
-        let text = r#"
-            [volume.a]
-            table = "0 8 linear b 0"
-            [volume.b]
-            table = "0 8 linear c 0"
-            [volume.c]
-            table = "0 8 linear a 0"
-            [volume.d]
-            table = "0 8 linear a 0"
-        "#;
-        let e = check_text(text, None, ReactorConfig::default())
-            .err()
-            .unwrap();
-        let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
-        assert_eq!(msgs.len(), 2, "{msgs:?}");
-        assert!(msgs[0].ends_with("volume 'a' would stack on itself: a -> b -> c -> a"));
-        assert!(msgs[1].contains("skipped: it uses volume 'a', which is in a cycle"));
-    }
-
-    #[test]
-    fn strict_parse_refuses_what_check_reports() {
-        let text = "[leaf.m0]\nkind = \"mem\"\nsize = \"1GB\"\ncolour = 1\n";
-        let e = parse(text, Some(Path::new("x.toml"))).unwrap_err();
-        let s = e.to_string();
-        assert!(
-            s.contains("x.toml:3: [leaf.m0]: size: invalid size '1GB'"),
-            "{s}"
-        );
-        assert!(
-            s.contains("x.toml:4: [leaf.m0]: unknown key 'colour'"),
-            "{s}"
-        );
-    }
-
-    #[test]
-    fn empty_sections_point_at_their_header() {
-        let text = "[leaf.m0]\nkind = \"null\"\nsize = 4096\n\n[leaf.x]\n";
-        let e = parse(text, None).unwrap_err();
-        assert_eq!(e.len(), 1);
-        assert_eq!(e.0[0].line, Some(5));
-        assert_eq!(
-            e.0[0].to_string(),
-            "5: [leaf.x]: missing 'kind' (one of: mem, null, file, nbd)"
-        );
-    }
-
-    #[test]
-    fn load_names_the_path_and_the_toml_location() {
-        let dir = std::env::temp_dir().join(format!("stackbd-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bad.toml");
-        std::fs::write(&path, "[volume.v]\ntable = \"0 8 zero\"\ntable = \"x\"\n").unwrap();
-        let e = load(&path).unwrap_err();
-        let s = e.to_string();
-        assert!(s.starts_with(&format!("{}:3:1: ", path.display())), "{s}");
-        assert!(s.contains("duplicate key"), "{s}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn quotes_section_names_toml_would_quote() {
-        assert_eq!(
-            Section::Volume("a-b_1".into()).to_string(),
-            "[volume.a-b_1]"
-        );
-        assert_eq!(Section::Leaf("a.b".into()).to_string(), "[leaf.\"a.b\"]");
-    }
-}
+mod tests;

@@ -539,7 +539,7 @@ fn leaves_mem_null_and_file() {
     let rows: Vec<Vec<&str>> = ls.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(
         rows[0],
-        ["NAME", "KIND", "SECTORS", "SIZE", "ARGS", "USED", "BY"]
+        ["NAME", "KIND", "SECTORS", "SIZE", "USED", "BY", "PARAMS"]
     );
     let row = |name: &str| {
         rows.iter()
@@ -551,15 +551,20 @@ fn leaves_mem_null_and_file() {
     assert_eq!(row("nx")[1..4], ["null", "131072", "64"]);
     let fx = row("fx");
     assert_eq!(fx[1..4], ["file", "4096", "2"]);
-    assert_eq!(fx[5], img.to_str().unwrap());
-    assert_eq!(fx[6], "-");
+    assert_eq!(fx[5], "-");
+    assert_eq!(
+        fx[6..],
+        [
+            format!("path=\"{}\"", img.display()).as_str(),
+            "direct=false",
+            "queue_depth=256"
+        ]
+    );
+    assert_eq!(row("mx")[6..], ["size=\"1GiB\""]);
 
     // A volume on the file leaf: the leaf cannot go while it is used.
     d.ok(&["create", "onfile", "--table", "0 4096 linear fx 0"]);
-    assert_eq!(
-        row_of(&d.ok(&["leaf", "ls"]), "fx").last().unwrap(),
-        "onfile"
-    );
+    assert_eq!(row_of(&d.ok(&["leaf", "ls"]), "fx")[5], "onfile");
     let err = d.fail(&["leaf", "rm", "fx"]);
     assert!(
         err.contains("'fx' is busy: used by volume 'onfile'"),
@@ -846,6 +851,14 @@ fn control_socket_is_private_and_survives_bad_requests() {
         br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"file","path":"rel.img"}"#,
         "is relative",
     );
+    s.refused(
+        br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"tape","size":4096}"#,
+        "unknown kind 'tape' (known: mem, null, file, nbd)",
+    );
+    s.refused(
+        br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"nbd","params":{"uri":"nbd://h/e","timeout":"99999999999999999999s"}}"#,
+        "leaf 'z': timeout: invalid duration",
+    );
     // Blank lines are skipped; the same connection still answers.
     s.w.write_all(b"\n  \n").unwrap();
     let r = s.send(br#"{"v":1,"cmd":"ping"}"#);
@@ -853,8 +866,9 @@ fn control_socket_is_private_and_survives_bad_requests() {
     assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(r["pid"], d.pid());
     // Every command works over the raw socket too.
-    let r = s.send(br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"null","size":4096}"#);
+    let r = s.send(br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"null","params":{"size":4096}}"#);
     assert_eq!(r["leaf"]["sectors"], 8);
+    assert_eq!(r["leaf"]["params"], serde_json::json!({"size": "4KiB"}));
     let r = s.send(br#"{"v":1,"cmd":"create","name":"q","table":"0 8 linear z 0"}"#);
     assert_eq!(r["info"]["sectors"], 8);
     let r = s.send(br#"{"v":1,"cmd":"remove","name":"q","force":null}"#);
@@ -870,7 +884,7 @@ fn state_file_follows_every_change_and_restores_on_restart() {
     d.ok(&["leaf", "add", "n9", "null", "1MiB"]);
     let st = d.check_state();
     assert!(
-        st.contains("[leaf.n9]\nkind = \"null\"\nsize = \"1048576\""),
+        st.contains("[leaf.n9]\nkind = \"null\"\nsize = \"1MiB\"\n"),
         "{st}"
     );
 

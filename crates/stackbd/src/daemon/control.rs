@@ -18,16 +18,15 @@
 
 use super::nbd::ExportEntry;
 use super::Daemon;
-use crate::config::{parse_size, LeafSpec};
 use serde_json::{json, Map, Value};
 use stackbd_core::engine::{valid_name, VolumeInfo};
 use stackbd_core::{Engine, SuspendOpts, SECTOR_SIZE};
-use stackbd_leaves::file::DEFAULT_QUEUE_DEPTH;
+use stackbd_leaves::registry::{self, Kind, ParamError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -56,18 +55,8 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ("message", &["name", "sector", "argv"]),
     ("deps", &["name"]),
     ("wait", &["name", "event_nr", "timeout_s"]),
-    (
-        "leaf_add",
-        &[
-            "name",
-            "kind",
-            "size",
-            "path",
-            "direct",
-            "uri",
-            "connections",
-        ],
-    ),
+    // Besides these, leaf_add takes the kind's parameters as fields (see [`OPEN_COMMANDS`]).
+    ("leaf_add", &["name", "kind", "params"]),
     ("leaf_rm", &["name"]),
     ("leaf_ls", &[]),
     ("export_add", &["volume", "name", "read_only"]),
@@ -83,6 +72,10 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ("ping", &[]),
     ("shutdown", &[]),
 ];
+
+/// Commands that check their other fields themselves: `leaf_add` hands them to the leaf
+/// registry as the kind's parameters (which refuses any the kind does not take).
+const OPEN_COMMANDS: &[&str] = &["leaf_add"];
 
 /// Stops the control thread when dropped.
 pub struct ControlServer {
@@ -343,14 +336,6 @@ impl<'a> Req<'a> {
             Some(v) => Err(self.wrong(k, want, v)),
         }
     }
-
-    /// Refuses a field that does not apply (`why` says what does).
-    fn absent(&self, k: &str, why: &str) -> Result<(), String> {
-        match self.get(k) {
-            None => Ok(()),
-            Some(_) => Err(format!("{}: field '{k}' does not apply: {why}", self.cmd)),
-        }
-    }
 }
 
 fn engine(d: &Daemon) -> MutexGuard<'_, Engine> {
@@ -410,7 +395,8 @@ fn envelope(req: &Value) -> Result<Req<'_>, String> {
         ));
     };
     for k in m.keys() {
-        if k != "v" && k != "cmd" && !fields.contains(&k.as_str()) {
+        if k != "v" && k != "cmd" && !fields.contains(&k.as_str()) && !OPEN_COMMANDS.contains(&cmd)
+        {
             let takes = if fields.is_empty() {
                 "no fields".to_string()
             } else {
@@ -470,13 +456,24 @@ fn users(e: &Engine, dev: &str) -> Vec<String> {
         .collect()
 }
 
-fn leaf_json(e: &Engine, name: &str) -> Result<Value, String> {
+/// A leaf as `leaf_ls` and `leaf_add` show it: `params` are the parameters it was built from
+/// (what `leaf_add` takes and the state file writes), `args` the leaf's own description.
+fn leaf_json(d: &Daemon, e: &Engine, name: &str) -> Result<Value, String> {
     let l = e.leaf(name).map_err(es)?;
+    let params = d
+        .leaf_params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(name)
+        .map_or(Value::Null, |p| {
+            serde_json::to_value(p.table()).unwrap_or(Value::Null)
+        });
     Ok(json!({
         "name": name,
         "kind": l.kind(),
         "sectors": l.size(),
         "bytes": l.size() * SECTOR_SIZE as u64,
+        "params": params,
         "args": l.args(),
         "used_by": users(e, name),
     }))
@@ -703,6 +700,10 @@ fn handle_with(d: &Daemon, req: &Value, gone: &dyn Fn() -> bool) -> Result<Value
             let name = r.string("name")?;
             let mut e = engine(d);
             e.remove_leaf(name).map_err(es)?;
+            d.leaf_params
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(name);
             changed(d, &e, false);
             Ok(json!({ "removed": name }))
         }
@@ -712,7 +713,7 @@ fn handle_with(d: &Daemon, req: &Value, gone: &dyn Fn() -> bool) -> Result<Value
                 .ls()
                 .into_iter()
                 .filter(|(_, is_volume)| !is_volume)
-                .map(|(n, _)| leaf_json(&e, &n))
+                .map(|(n, _)| leaf_json(d, &e, &n))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(json!({ "leaves": leaves }))
         }
@@ -838,67 +839,45 @@ fn wait(d: &Daemon, r: &Req<'_>, gone: &dyn Fn() -> bool) -> Result<Value, Strin
     }
 }
 
-/// `leaf_add {name, kind: mem|null|file, size?, path?, direct?}`.
+/// `leaf_add {name, kind, params?: {...}, ...}`: the kind's parameters come in `params`, or as
+/// fields beside `kind` (`{"kind":"mem","size":"1GiB"}`), or both; the leaf registry reads them
+/// as the config file's `[leaf.NAME]` keys. Paths must be absolute (the daemon's working
+/// directory means nothing to the client). Opening the leaf may block, outside the engine lock.
 fn leaf_add(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
-    let kind = r.string("kind")?;
-    let spec = match kind {
-        "mem" | "null" => {
-            let takes = format!("{kind} leaves take: name, kind, size");
-            r.absent("path", &takes)?;
-            r.absent("direct", &takes)?;
-            let size_bytes = match r.get("size") {
-                None => return Err(format!("{}: missing field 'size' ({takes})", r.cmd)),
-                Some(Value::String(s)) => parse_size(s),
-                Some(Value::Number(n)) => parse_size(&n.to_string()),
-                Some(v) => return Err(r.wrong("size", "a size (\"1GiB\", 4096)", v)),
-            }
-            .map_err(|e| format!("leaf '{name}': size: {e}"))?;
-            if kind == "mem" {
-                LeafSpec::Mem { size_bytes }
-            } else {
-                LeafSpec::Null { size_bytes }
-            }
-        }
-        "file" => {
-            r.absent("size", "file leaves take their size from the file")?;
-            let path = r.string("path")?;
-            if path.is_empty() {
-                return Err(format!("leaf '{name}': path: empty"));
-            }
-            let path = PathBuf::from(path);
-            if path.is_relative() {
-                return Err(format!(
-                    "leaf '{name}': path '{}' is relative; the daemon needs an absolute path",
-                    path.display()
-                ));
-            }
-            LeafSpec::File {
-                path,
-                direct: r.flag("direct")?,
-                queue_depth: DEFAULT_QUEUE_DEPTH,
-            }
-        }
-        "nbd" => {
-            r.absent("size", "nbd leaves take their size from the server")?;
-            let uri = r.string("uri")?;
-            stackbd_leaves::nbd_client::NbdUri::parse(uri)
-                .map_err(|e| format!("leaf '{name}': uri: {e}"))?;
-            LeafSpec::Nbd {
-                uri: uri.to_string(),
-                connections: r
-                    .opt_u64("connections")?
-                    .map_or(1, |n| n.clamp(1, 64) as u32),
-                timeout: stackbd_leaves::nbd_client::NbdOptions::default().timeout,
-            }
-        }
-        other => {
-            return Err(format!(
-                "leaf '{name}': unknown kind '{other}' (known: {})",
-                crate::config::LEAF_KINDS.join(", ")
-            ))
-        }
+    let kind_name = r.string("kind")?;
+    let kind = registry::kind(kind_name)
+        .ok_or_else(|| format!("leaf '{name}': {}", registry::unknown_kind(kind_name)))?;
+    let mut obj = match r.get("params") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(v) => return Err(r.wrong("params", "an object of the kind's parameters", v)),
     };
+    for (k, v) in r.m {
+        if ["v", "cmd", "name", "kind", "params"].contains(&k.as_str()) || v.is_null() {
+            continue;
+        }
+        if obj.insert(k.clone(), v.clone()).is_some() {
+            return Err(format!(
+                "{}: field '{k}' is given twice (in params and beside them)",
+                r.cmd
+            ));
+        }
+    }
+    obj.retain(|_, v| !v.is_null());
+    let table = registry::table_from_json(&obj).map_err(|e| format!("leaf '{name}': {e}"))?;
+    let params = kind.parse(&table).map_err(|errs| {
+        let texts: Vec<String> = errs.iter().map(|e| param_error(r.cmd, kind, e)).collect();
+        format!("leaf '{name}': {}", texts.join("; "))
+    })?;
+    for (key, p) in params.paths() {
+        if p.is_relative() {
+            return Err(format!(
+                "leaf '{name}': {key} '{}' is relative; the daemon needs an absolute path",
+                p.display()
+            ));
+        }
+    }
     // Refuse a bad or taken name before opening or allocating anything.
     if !valid_name(name) {
         return Err(es(stackbd_core::EngineError::BadName(name.to_string())));
@@ -907,13 +886,26 @@ fn leaf_add(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
         return Err(es(stackbd_core::EngineError::Exists(name.to_string())));
     }
     // Opening a file may block: not under the engine lock.
-    let leaf = spec
-        .create()
-        .map_err(|e| format!("leaf '{name}': cannot create {kind} leaf: {e}"))?;
+    let leaf = params
+        .build()
+        .map_err(|e| format!("leaf '{name}': cannot create {kind_name} leaf: {e}"))?;
     let mut e = engine(d);
     e.add_leaf(name, leaf).map_err(es)?;
+    d.leaf_params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(name.to_string(), params);
     changed(d, &e, false);
-    Ok(json!({"leaf": leaf_json(&e, name)?}))
+    Ok(json!({"leaf": leaf_json(d, &e, name)?}))
+}
+
+/// A registry error in the control socket's words.
+fn param_error(cmd: &str, kind: &Kind, e: &ParamError) -> String {
+    match e {
+        ParamError::Unknown(k) => format!("{cmd}: field '{k}' does not apply ({})", kind.takes()),
+        ParamError::Missing(k) => format!("{cmd}: missing field '{k}' ({})", kind.takes()),
+        e => e.config_text(kind),
+    }
 }
 
 /// `stats {name?}`: reactor counters, exports and volumes (only those named `name`, if given).

@@ -12,6 +12,7 @@ use nbd::{ExportEntry, ExportTable, NbdFrontend, Sock};
 use stackbd_core::copy::{CopyFrontend, CopyJob, CopyOpts, CopyProgress};
 use stackbd_core::runtime::{Attacher, Mode, RuntimeConfig};
 use stackbd_core::{Engine, ReactorConfig, SECTOR_SIZE};
+use stackbd_leaves::registry::LeafParams;
 use std::net::TcpListener;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
@@ -94,13 +95,25 @@ pub struct Daemon {
     pub started: Instant,
     /// Copy jobs running on the reactors, by id, with when they started.
     pub copies: Mutex<std::collections::BTreeMap<u64, (Arc<CopyProgress>, Instant)>>,
+    /// The parameters each leaf of the engine was built from, by name: the state file writes
+    /// them back as they are. Changed together with the engine's leaves, with the engine lock
+    /// held (lock order: `engine`, then this); never held across a blocking call.
+    pub leaf_params: Mutex<LeafTable>,
 }
 
+/// Leaf name -> the parameters it was built from.
+pub type LeafTable = std::collections::BTreeMap<String, LeafParams>;
+
 impl Daemon {
-    /// Writes the state file (atomically); logs and carries on if it cannot.
+    /// Writes the state file (atomically); logs and carries on if it cannot. Called with the
+    /// engine lock held (`engine` is its guard); takes the leaf table's lock for the write.
     pub fn save(&self, engine: &Engine) {
         if let Some(dir) = &self.state_dir {
-            if let Err(e) = state::save(dir, engine, &self.exports) {
+            let leaves = self
+                .leaf_params
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = state::save(dir, engine, &leaves, &self.exports) {
                 eprintln!("stackbd: cannot write state to {}: {e}", dir.display());
             }
         }
@@ -237,6 +250,12 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         attacher,
         started: Instant::now(),
         copies: Mutex::new(std::collections::BTreeMap::new()),
+        leaf_params: Mutex::new(
+            cfg.leaves
+                .iter()
+                .map(|l| (l.name.clone(), l.params.clone()))
+                .collect(),
+        ),
     });
     for x in &cfg.exports {
         daemon

@@ -1,7 +1,12 @@
 //! The state file: the daemon's leaves, volumes (live tables) and exports, in the config file's
 //! format, written atomically (temp file, fsync, rename, fsync of the directory) on every change.
+//! Leaves are written from the parameters they were built from (the daemon's [`LeafTable`],
+//! printed by the leaf registry), so a restart builds them with every parameter unchanged.
+//! Runs on whichever control thread made the change, with the engine lock held; blocks on
+//! the disk.
 
 use super::nbd::ExportTable;
+use super::LeafTable;
 use stackbd_core::Engine;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +32,7 @@ fn key(s: &str) -> String {
 }
 
 /// Renders the engine's state as a config file.
-pub fn render(engine: &Engine, exports: &ExportTable) -> String {
+pub fn render(engine: &Engine, leaves: &LeafTable, exports: &ExportTable) -> String {
     let mut out = String::from(
         "# stackbd state: written by the daemon on every change; a valid config file\n",
     );
@@ -36,25 +41,10 @@ pub fn render(engine: &Engine, exports: &ExportTable) -> String {
         if *is_volume {
             continue;
         }
-        let Ok(leaf) = engine.leaf(name) else {
-            continue;
-        };
-        let args = leaf.args();
-        out.push_str(&format!(
-            "\n[leaf.{}]\nkind = {}\n",
-            key(name),
-            quote(leaf.kind())
-        ));
-        match leaf.kind() {
-            "file" => {
-                let (path, direct) = match args.strip_suffix(" direct") {
-                    Some(p) => (p.to_string(), true),
-                    None => (args.clone(), false),
-                };
-                out.push_str(&format!("path = {}\ndirect = {direct}\n", quote(&path)));
-            }
-            "nbd" => out.push_str(&format!("uri = {}\n", quote(&args))),
-            _ => out.push_str(&format!("size = {}\n", quote(&args))),
+        match leaves.get(name) {
+            Some(p) => out.push_str(&format!("\n[leaf.{}]\n{}", key(name), p.to_toml())),
+            // Every leaf is added with its parameters; one without cannot be restored.
+            None => out.push_str(&format!("\n# leaf {name}: parameters unknown\n")),
         }
     }
     for (name, is_volume) in &devices {
@@ -93,8 +83,13 @@ pub fn render(engine: &Engine, exports: &ExportTable) -> String {
 }
 
 /// Writes the state atomically.
-pub fn save(dir: &Path, engine: &Engine, exports: &ExportTable) -> std::io::Result<()> {
-    let text = render(engine, exports);
+pub fn save(
+    dir: &Path,
+    engine: &Engine,
+    leaves: &LeafTable,
+    exports: &ExportTable,
+) -> std::io::Result<()> {
+    let text = render(engine, leaves, exports);
     let final_path = path(dir);
     let tmp = dir.join(".state.toml.tmp");
     {
