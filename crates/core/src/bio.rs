@@ -348,6 +348,9 @@ pub struct Bio {
     pub(crate) touched: u64,
     /// Next member of the request this bio is merged into (request-based volumes).
     pub(crate) rq_next: Option<BioId>,
+    /// Sent back up to its volume by a `noflush` suspend (internal; never seen by a caller):
+    /// the volume's entry frame holds it for the next table.
+    pub(crate) pushback: bool,
     pub frames: FrameStack,
 }
 
@@ -368,6 +371,7 @@ impl Bio {
             root: BioId(0),
             touched: 0,
             rq_next: None,
+            pushback: false,
             frames: FrameStack::new(frame_words),
         }
     }
@@ -493,6 +497,7 @@ impl BioPool {
         bio.frames.reset(fallback);
         bio.parent = None;
         bio.status = Status::Ok;
+        bio.pushback = false;
         bio.data = DataBuf::EMPTY;
         bio.map_index = 0;
         bio.flags = BioFlags::NONE;

@@ -26,13 +26,10 @@ pub enum Status {
     Timeout = 8,
     /// The device or volume is going away.
     Shutdown = 9,
-    /// Internal, never seen by a caller: I/O a target requeued while its volume suspends with
-    /// `noflush` goes back up to that volume and waits there, held, for the next table.
-    Pushback = 10,
 }
 
 impl Status {
-    pub const ALL: [Status; 11] = [
+    pub const ALL: [Status; 10] = [
         Status::Ok,
         Status::IoError,
         Status::Invalid,
@@ -43,7 +40,6 @@ impl Status {
         Status::PathError,
         Status::Timeout,
         Status::Shutdown,
-        Status::Pushback,
     ];
 
     #[inline]
@@ -58,20 +54,30 @@ impl Status {
         matches!(self, Status::PathError | Status::Timeout)
     }
 
-    /// The errno a POSIX caller would see.
+    /// The errno a POSIX caller sees: the one mapping of the whole program (the NBD
+    /// frontend sends the NBD error of this errno, see `nbd_errno`).
     pub fn errno(self) -> i32 {
         match self {
             Status::Ok => 0,
             Status::IoError => 5,       // EIO
             Status::Invalid => 22,      // EINVAL
-            Status::OutOfRange => 5,    // EIO, as the kernel does for beyond-end bios
+            Status::OutOfRange => 22,   // EINVAL, as NBD and pread past a device's end say
             Status::NoSpace => 28,      // ENOSPC
-            Status::NotSupported => 95, // EOPNOTSUPP
+            Status::NotSupported => 95, // EOPNOTSUPP (= ENOTSUP on Linux)
             Status::Again => 11,        // EAGAIN
             Status::PathError => 67,    // ENOLINK
             Status::Timeout => 110,     // ETIMEDOUT
             Status::Shutdown => 108,    // ESHUTDOWN
-            Status::Pushback => 5,      // EIO: never reaches a caller
+        }
+    }
+
+    /// The errno an NBD client is sent: `errno()` where the NBD protocol defines that value
+    /// (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN), else EIO, which
+    /// is what a transport or timeout failure below the server is to its client.
+    pub fn nbd_errno(self) -> u32 {
+        match self.errno() {
+            e @ (1 | 5 | 12 | 22 | 28 | 75 | 95 | 108) => e as u32,
+            _ => 5,
         }
     }
 
@@ -82,11 +88,10 @@ impl Status {
             .unwrap_or(Status::IoError)
     }
 
-    /// Merge into an accumulated status: the first error wins, except a pushback, which wins
-    /// over everything (the whole I/O is issued again, errors included).
+    /// Merge into an accumulated status: the first error wins.
     #[inline]
     pub fn merge(&mut self, other: Status) {
-        if self.is_ok() || other == Status::Pushback {
+        if self.is_ok() {
             *self = other;
         }
     }
@@ -105,7 +110,6 @@ impl fmt::Display for Status {
             Status::PathError => "path error",
             Status::Timeout => "timed out",
             Status::Shutdown => "device shutting down",
-            Status::Pushback => "pushed back to a suspending volume",
         };
         f.write_str(s)
     }
@@ -123,9 +127,26 @@ mod tests {
         s.merge(Status::IoError);
         s.merge(Status::NoSpace);
         assert_eq!(s, Status::IoError);
-        s.merge(Status::Pushback);
-        s.merge(Status::NoSpace);
-        assert_eq!(s, Status::Pushback, "a pushback wins and stays");
+    }
+
+    #[test]
+    fn nbd_errors_are_the_posix_ones_the_protocol_defines() {
+        assert_eq!(Status::OutOfRange.nbd_errno(), 22);
+        assert_eq!(Status::NoSpace.nbd_errno(), 28);
+        assert_eq!(Status::NotSupported.nbd_errno(), 95);
+        assert_eq!(Status::Shutdown.nbd_errno(), 108);
+        assert_eq!(Status::PathError.errno(), 67);
+        assert_eq!(
+            Status::PathError.nbd_errno(),
+            5,
+            "ENOLINK is not an NBD error"
+        );
+        assert_eq!(Status::Timeout.nbd_errno(), 5);
+        for s in Status::ALL {
+            let e = s.nbd_errno();
+            assert!(s.is_ok() || e != 0);
+            assert!(e == 5 || e == s.errno() as u32);
+        }
     }
 
     #[test]

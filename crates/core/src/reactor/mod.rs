@@ -29,14 +29,17 @@ pub struct SplitCtx {
     /// Pieces not yet completed: the clones plus the remainder itself.
     pending: u32,
     status: u8,
-    _pad: [u8; 7],
+    /// A piece was pushed back (noflush suspend): the whole bio goes back up to its volume.
+    pushback: u8,
+    _pad: [u8; 6],
 }
 
 impl SplitCtx {
-    fn merge(&mut self, s: Status) {
+    fn merge(&mut self, s: Status, pushback: bool) {
         let mut st = Status::from_u8(self.status);
         st.merge(s);
         self.status = st as u8;
+        self.pushback |= pushback as u8;
     }
 }
 
@@ -473,7 +476,8 @@ impl Reactor {
             }
             _ => bio.sector += start,
         }
-        bio.status = Status::Pushback;
+        bio.status = Status::Ok;
+        bio.pushback = true;
         self.complete_q.push_back(r.id);
     }
 
@@ -1154,7 +1158,7 @@ impl Reactor {
                             continue;
                         };
                         v.inflight -= 1;
-                        if bio.status == Status::Pushback {
+                        if std::mem::take(&mut bio.pushback) {
                             // Back as it entered (`push_back` and split restores made its
                             // sector the volume's again): held for the next table, or
                             // (resumed meanwhile) mapped again at once.
@@ -1173,7 +1177,7 @@ impl Reactor {
                     }
                     FrameKind::Split => {
                         let mut ctx: SplitCtx = bio.frames.ctx_at(h.ctx_off);
-                        ctx.merge(bio.status);
+                        ctx.merge(bio.status, bio.pushback);
                         ctx.pending -= 1;
                         if ctx.pending > 0 {
                             // Park: the last clone to finish resumes the parent.
@@ -1239,7 +1243,7 @@ impl Reactor {
                         // copied out of the bounce buffer they shared.
                         let ctx: RqCtx = bio.frames.ctx_at(h.ctx_off);
                         bio.frames.pop();
-                        let (status, op) = (bio.status, bio.op);
+                        let (status, op, pushback) = (bio.status, bio.op, bio.pushback);
                         let mut m = bio.rq_next.take();
                         pool.free(id, fallback);
                         let Some(Slot::Volume(VolState {
@@ -1252,8 +1256,8 @@ impl Reactor {
                             .then(|| q.buf_window(ctx.buf, ctx.sectors));
                         // Members were queued target-relative; pushed back, they go up to the
                         // volume, which maps them again from its own sectors.
-                        let start = match (status, table.as_deref()) {
-                            (Status::Pushback, Some(t)) => t.entries()[ctx.target as usize].start,
+                        let start = match (pushback, table.as_deref()) {
+                            (true, Some(t)) => t.entries()[ctx.target as usize].start,
                             _ => 0,
                         };
                         let mut off = 0;
@@ -1264,6 +1268,7 @@ impl Reactor {
                             }
                             off += mb.data.len();
                             mb.status = status;
+                            mb.pushback = pushback;
                             if start > 0 && mb.op != Op::Flush {
                                 mb.sector += start;
                             }
@@ -1286,7 +1291,14 @@ impl Reactor {
                     .map(|(p, off)| (p, off, is_copy_emu(pool, p, off)))
                 {
                     Some((parent, _, true)) => {
-                        let status = pool.get(id).status;
+                        let child = pool.get(id);
+                        // A step pushed back ends the piece; the piece goes back up whole.
+                        let status = if child.pushback {
+                            pool.get_mut(parent).pushback = true;
+                            Status::IoError
+                        } else {
+                            child.status
+                        };
                         pool.free(id, fallback);
                         let mut cx = CopyCx {
                             devs,
@@ -1308,11 +1320,11 @@ impl Reactor {
                         id = parent;
                     }
                     Some((parent, off, false)) => {
-                        let status = pool.get(id).status;
+                        let (status, pushback) = (pool.get(id).status, pool.get(id).pushback);
                         pool.free(id, fallback);
                         let p = pool.get_mut(parent);
                         let mut ctx: SplitCtx = p.frames.ctx_at(off);
-                        ctx.merge(status);
+                        ctx.merge(status, pushback);
                         ctx.pending -= 1;
                         if ctx.pending > 0 {
                             p.frames.set_ctx_at(off, &ctx);
@@ -1330,12 +1342,13 @@ impl Reactor {
                     None => {
                         let bio = pool.get(id);
                         debug_assert!(
-                            bio.status != Status::Pushback,
+                            !bio.pushback,
                             "a pushback always stops at its volume's entry frame"
                         );
-                        let status = match bio.status {
-                            Status::Pushback => Status::IoError,
-                            s => s,
+                        let status = if bio.pushback {
+                            Status::IoError
+                        } else {
+                            bio.status
                         };
                         done.push_back(Completion {
                             user_data: bio.user_data,
@@ -1375,6 +1388,7 @@ fn restore(pool: &mut BioPool, id: BioId, ctx: &SplitCtx, vol: DevId) {
         bio.data = bio.data.unadvance(ctx.data_advanced as usize);
     }
     bio.status = Status::from_u8(ctx.status);
+    bio.pushback = ctx.pushback != 0;
 }
 
 /// Maps a bio that entered volume `vol` with `table`. Leading pieces that cross a target

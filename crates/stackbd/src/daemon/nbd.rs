@@ -406,16 +406,9 @@ impl NbdFrontend {
     }
 }
 
+/// The NBD error for a status: the program's one errno mapping (`Status::nbd_errno`).
 fn errno(s: Status) -> Errno {
-    match s {
-        Status::Ok => Errno::Eio,
-        Status::Invalid => Errno::Einval,
-        Status::OutOfRange => Errno::Einval,
-        Status::NoSpace => Errno::Enospc,
-        Status::NotSupported => Errno::Enotsup,
-        Status::Shutdown => Errno::Eshutdown,
-        _ => Errno::Eio,
-    }
+    Errno::from_wire(s.nbd_errno()).unwrap_or(Errno::Eio)
 }
 
 impl Frontend for NbdFrontend {
