@@ -348,3 +348,65 @@ impl Target for Dust {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dust() -> Dust {
+        Dust {
+            dev: DevRef {
+                id: DevId(0),
+                name: "d".into(),
+            },
+            dev_sectors: 1 << 30,
+            offset: 0,
+            blksz: 512,
+            shift: 0,
+            start: 0,
+            enabled: AtomicBool::new(true),
+            quiet: AtomicBool::new(true),
+            bad: ArcSwap::from_pointee(BadBlocks::new()),
+        }
+    }
+
+    /// Messages and writes change the list from several threads at once: compare-and-swap
+    /// loses no change.
+    #[test]
+    fn concurrent_changes_are_all_kept() {
+        let d = dust();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let d = &d;
+                s.spawn(move || {
+                    for i in 0..300u64 {
+                        assert_eq!(d.add_block(t * 1000 + i, 1), Ok(String::new()));
+                    }
+                    for i in 0..300u64 {
+                        // The first write spends the fail count, the second removes the block.
+                        let b = t * 1000 + i;
+                        assert_eq!(d.write_hit(b), MapResult::Done(Status::IoError));
+                        if i % 2 == 0 {
+                            assert_eq!(d.write_hit(b), MapResult::Remapped);
+                        }
+                    }
+                });
+            }
+        });
+        let m = d.bad.load();
+        assert_eq!(m.len(), 4 * 150);
+        assert!(m.iter().all(|(b, &n)| b % 2 == 1 && n == 0));
+    }
+
+    #[test]
+    fn splits_at_device_blocks() {
+        let mut d = dust();
+        d.shift = 3;
+        d.offset = 5;
+        assert_eq!(d.max_io_len(0), 3);
+        assert_eq!(d.max_io_len(3), 8);
+        assert_eq!(d.max_io_len(4), 7);
+        assert_eq!(d.block_of(7), 0);
+        assert_eq!(d.block_of(8), 1);
+    }
+}

@@ -190,7 +190,7 @@ impl FlakeyArgs {
         let mut argc = match it.next() {
             None => 0,
             Some(n) => match parse_num::<u32>("num_features", n) {
-                Ok(n) if n <= MAX_FEATURE_ARGS && n as usize <= rest.len() - 1 => n,
+                Ok(n) if n <= MAX_FEATURE_ARGS && (n as usize) < rest.len() => n,
                 _ => return Err(bad("num_features", "Invalid number of feature args")),
             },
         };
@@ -519,12 +519,10 @@ impl Target for Flakey {
         l
     }
 
-    fn extent(&self, offset: Sector, len: Sector) -> TargetExtent {
-        TargetExtent::Dev {
-            dev: self.dev.id,
-            sector: self.a.offset + offset,
-            len,
-        }
+    /// Plain data, not a device range: a copy through flakey is emulated as reads and writes,
+    /// which see the intervals (a device range would let the copy bypass `map`).
+    fn extent(&self, _offset: Sector, len: Sector) -> TargetExtent {
+        TargetExtent::Data { len }
     }
 
     fn devices(&self) -> Vec<DevId> {
