@@ -401,7 +401,10 @@ impl Flakey {
             ));
         }
         let (dev, _) = cx.device("dev path", &a.dev, a.offset, cx.len)?;
-        let seed = born.elapsed().as_nanos() as u64 ^ (std::ptr::from_ref(cx) as usize as u64);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (std::ptr::from_ref(cx) as usize as u64);
         Ok(Box::new(Flakey {
             dev,
             a,
@@ -653,6 +656,50 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(p(line).unwrap_err(), want, "{line}");
         }
+    }
+
+    /// Any mix of tokens is answered with a value or an error, never a panic.
+    #[test]
+    fn no_table_input_panics() {
+        let toks = [
+            "0",
+            "1",
+            "5",
+            "11",
+            "4294967295",
+            "4294967296",
+            "-1",
+            "",
+            "x",
+            "r",
+            "w",
+            "corrupt_bio_byte",
+            "random_read_corrupt",
+            "random_write_corrupt",
+            "error_reads",
+            "drop_writes",
+            "error_writes",
+            "1000000000",
+        ];
+        let mut seed = 7u64;
+        let mut oks = 0;
+        for n in 0..100_000usize {
+            let len = n % 14;
+            let mut v = vec!["d"];
+            for _ in 0..len {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                v.push(toks[(seed >> 33) as usize % toks.len()]);
+            }
+            if let Ok(a) = FlakeyArgs::parse(&v) {
+                let again: Vec<String> = a.table_args("d").split(' ').map(String::from).collect();
+                let again: Vec<&str> = again.iter().map(String::as_str).collect();
+                assert_eq!(FlakeyArgs::parse(&again), Ok(a), "{v:?}");
+                oks += 1;
+            }
+        }
+        assert!(oks > 100, "{oks}");
     }
 
     #[test]

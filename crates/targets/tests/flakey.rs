@@ -193,6 +193,21 @@ fn corrupt_bio_byte_sets_the_nth_byte_of_each_read() {
 }
 
 #[test]
+fn a_failed_read_is_not_corrupted() {
+    let (mut e, _) = engine();
+    e.create("bad", Some("0 1024 error")).unwrap();
+    let v = e
+        .create(
+            "v",
+            Some("0 1024 flakey bad 0 0 1 5 corrupt_bio_byte 1 r 7 0"),
+        )
+        .unwrap();
+    let mut buf = vec![0xaau8; 4096];
+    assert_eq!(e.read_at(v, 0, &mut buf), Status::IoError);
+    assert_eq!(buf, vec![0xaau8; 4096]);
+}
+
+#[test]
 fn corrupt_bio_byte_past_the_bio_changes_nothing() {
     let (mut e, _, v) = rig("0 0 1 5 corrupt_bio_byte 600 r 0 0");
     assert_eq!(read(&mut e, v, 0, 1), (Status::Ok, expected(0, 1)));
