@@ -1,6 +1,8 @@
 //! Bio-based targets. Each module is one table target type, with dmsetup's arguments.
 
+pub mod dust;
 pub mod error;
+pub mod flakey;
 pub mod linear;
 pub mod multipath;
 pub mod striped;
@@ -15,6 +17,8 @@ pub fn register_all(r: &mut TargetRegistry) {
     r.register("striped", striped::Striped::ctor);
     r.register("zero", zero::Zero::ctor);
     r.register("error", error::Error::ctor);
+    r.register("flakey", flakey::Flakey::ctor);
+    r.register("dust", dust::Dust::ctor);
 }
 
 /// A registry with every built-in target.
