@@ -21,8 +21,8 @@
 
 use stackbd_core::target::{parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, DevRef, Doorbell, Limits, MapResult, Op, ReactorInit,
-    Sector, Target, TargetCx,
+    ArgError, Bio, CtorCx, DevId, DevRef, Doorbell, Limits, MapResult, Op, ReactorInit, Sector,
+    Target, TargetCx,
 };
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -245,6 +245,58 @@ fn tables_print_back_in_canonical_form() {
     }
 }
 
+#[test]
+fn an_empty_flush_reaches_the_flush_device_once_with_other_targets_on_it() {
+    // The table sends one flush per distinct device: the delay target must name its flush
+    // device, so a linear line over that device does not get it flushed twice.
+    let mut e = inline();
+    let l = leaves(&mut e, &["a", "b", "c"]);
+    let t = "0 1024 delay a 0 0 b 0 0 c 0 1\n1024 1024 linear c 2048";
+    let v = e.create("v", Some(t)).unwrap();
+    assert_eq!(e.flush(v), Status::Ok);
+    let f: Vec<u64> = l.iter().map(|s| s.counts()[2]).collect();
+    assert_eq!(f, [0, 0, 1], "flushes per leaf");
+}
+
+#[test]
+fn each_class_waits_its_own_delay_and_a_zero_delay_none() {
+    let mut e = inline();
+    leaves(&mut e, &["a", "b", "c"]);
+    let v = e.create("v", Some(&line("a 0 0 b 0 300 c 0 60"))).unwrap();
+    let t0 = Instant::now();
+    submit_write(&mut e, v, 0, 0x66, 1);
+    e.submit(&Request::new(Op::Flush, v, 0, 0, DataBuf::EMPTY, 2))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` outlives the read, which completes (is reaped) below before it is dropped.
+    let data = unsafe { DataBuf::from_slice(&mut buf) };
+    e.submit(&Request::new(Op::Read, v, 0, 8, data, 3)).unwrap();
+    e.poll();
+    let first: Vec<u64> = std::iter::from_fn(|| e.reap().map(|c| c.user_data)).collect();
+    assert_eq!(
+        first,
+        [3],
+        "the undelayed read completes in the first turn, alone"
+    );
+    assert_eq!(strip(&e.status("v").unwrap()), "0 1 1");
+    let mut at = [None::<Duration>; 3];
+    while at[0].is_none() || at[1].is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(3), "delayed I/O lost");
+        e.poll();
+        while let Some(c) = e.reap() {
+            assert_eq!(c.status, Status::Ok);
+            at[c.user_data as usize - 1] = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (w, f) = (at[0].unwrap(), at[1].unwrap());
+    assert!(
+        f >= Duration::from_millis(60) && f < Duration::from_millis(250),
+        "flush {f:?}"
+    );
+    assert!(w >= Duration::from_millis(300), "write {w:?}");
+}
+
 // ---------------------------------------------------------------- latency
 
 /// Keeps `QD` reads in flight until `N` completed, recording each one's latency.
@@ -339,7 +391,11 @@ fn a_50_ms_read_delay_adds_50_ms_at_p50_and_p99() {
         l[0]
     );
     let ms50 = Duration::from_millis(50);
-    assert!(l[0] >= ms50, "a read came back before its delay: {:?}", l[0]);
+    assert!(
+        l[0] >= ms50,
+        "a read came back before its delay: {:?}",
+        l[0]
+    );
     // The issue asks for 1 ms; a shared 2-core test machine gets some slack here (the exact
     // figures are measured by the bench).
     assert!(p50 < ms50 + Duration::from_millis(2), "p50 {p50:?}");
@@ -481,7 +537,11 @@ fn suspend_sends_delayed_bios_on_at_once_and_resume_delays_again() {
     e.suspend("v", SuspendOpts::default()).unwrap();
     let took = t.elapsed();
     assert!(took < Duration::from_millis(500), "suspend took {took:?}");
-    assert_eq!(l[1].bytes(16, 4096), vec![0x11u8; 4096], "write done by then");
+    assert_eq!(
+        l[1].bytes(16, 4096),
+        vec![0x11u8; 4096],
+        "write done by then"
+    );
     assert_eq!(wait(&mut e, 1, Duration::from_millis(50)), Some(Status::Ok));
     assert_eq!(strip(&e.status("v").unwrap()), "0 0 0");
     // I/O that arrives while suspended is held, then delayed after the resume.
@@ -533,10 +593,91 @@ fn noflush_suspend_pushes_delayed_bios_back_and_resume_maps_them_again() {
     e.load("v", &line("a 0 0 c 8 0")).unwrap();
     e.suspend("v", noflush).unwrap();
     e.resume("v").unwrap();
-    assert_eq!(wait(&mut e, 2, Duration::from_millis(100)), Some(Status::Ok));
+    assert_eq!(
+        wait(&mut e, 2, Duration::from_millis(100)),
+        Some(Status::Ok)
+    );
     assert_eq!(l[2].bytes(48, 4096), vec![0x55u8; 4096]);
-    assert_eq!(l[1].bytes(40, 4096), vec![0u8; 4096], "not on the old device");
+    assert_eq!(
+        l[1].bytes(40, 4096),
+        vec![0u8; 4096],
+        "not on the old device"
+    );
     assert_eq!(strip(&e.status("v").unwrap()), "0 0 0");
+}
+
+/// Waits (up to `within`) for `f`; false if it never held.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !f() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+#[test]
+fn suspend_on_reactor_threads_rings_the_reactor_and_noflush_survives_it() {
+    let mut e = threads(Mode::Interrupt);
+    let l = leaves(&mut e, &["a", "b"]);
+    let vol = e.create("v", Some(&line("a 0 0 b 0 2000"))).unwrap();
+    let burst = |fill: u8, sector: Sector, done: &Arc<AtomicU64>| {
+        Box::new(Burst {
+            reqs: vec![(Op::Write, sector)],
+            vol,
+            bufs: vec![vec![fill; 4096]],
+            sent: false,
+            done: done.clone(),
+        })
+    };
+    // A plain suspend: the reactor (asleep until the 2 s timer) is woken and sends it on.
+    let done = Arc::new(AtomicU64::new(0));
+    e.threads().unwrap().attach(burst(0x12, 0, &done), Some(0));
+    assert!(eventually(Duration::from_millis(500), || strip(
+        &e.status("v").unwrap()
+    ) == "0 1 0"));
+    let t = Instant::now();
+    e.suspend("v", SuspendOpts::default()).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(eventually(Duration::from_millis(500), || done.load(SeqCst) == 1));
+    assert_eq!(l[1].bytes(0, 4096), vec![0x12u8; 4096]);
+    assert_eq!(strip(&e.status("v").unwrap()), "0 0 0");
+    e.resume("v").unwrap();
+
+    // noflush: the write goes back to the volume, and after the resume waits its delay again.
+    e.load("v", &line("a 0 0 b 0 300")).unwrap();
+    e.suspend("v", SuspendOpts::default()).unwrap();
+    e.resume("v").unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    e.threads().unwrap().attach(burst(0x34, 8, &done), Some(0));
+    assert!(eventually(Duration::from_millis(200), || strip(
+        &e.status("v").unwrap()
+    ) == "0 1 0"));
+    let noflush = SuspendOpts {
+        noflush: true,
+        ..SuspendOpts::default()
+    };
+    e.suspend("v", noflush).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(done.load(SeqCst), 0, "held through the suspend");
+    assert_eq!(
+        l[1].counts()[1],
+        1,
+        "only the first write reached the device"
+    );
+    let t = Instant::now();
+    e.resume("v").unwrap();
+    assert!(eventually(Duration::from_secs(2), || done.load(SeqCst) == 1));
+    assert!(t.elapsed() >= Duration::from_millis(300), "delayed again");
+    assert_eq!(l[1].bytes(8, 4096), vec![0x34u8; 4096]);
+    assert_eq!(strip(&e.status("v").unwrap()), "0 0 0");
+    e.stop_threads();
 }
 
 // ---------------------------------------------------------------- allocations
@@ -623,7 +764,11 @@ fn bad_tables_are_refused_with_the_field_and_nothing_is_created() {
         ("a 2049 1", "device", "passes the end"),
         ("nope 0 1", "device", "unknown device 'nope'"),
         ("a 0 1 nope 0 1", "write_device", "unknown device 'nope'"),
-        ("a 0 1 b 0 1 nope 0 1", "flush_device", "unknown device 'nope'"),
+        (
+            "a 0 1 b 0 1 nope 0 1",
+            "flush_device",
+            "unknown device 'nope'",
+        ),
         ("a 0 1 b 4000 1", "write_device", "passes the end"),
     ];
     for &(args, field, why) in cases {
