@@ -1,5 +1,6 @@
 //! Bio-based targets. Each module is one table target type, with dmsetup's arguments.
 
+pub mod delay;
 pub mod dust;
 pub mod error;
 pub mod flakey;
@@ -12,6 +13,7 @@ use stackbd_core::TargetRegistry;
 
 /// Registers every target type this crate provides.
 pub fn register_all(r: &mut TargetRegistry) {
+    r.register("delay", delay::Delay::ctor);
     r.register("linear", linear::Linear::ctor);
     r.register("multipath", multipath::Multipath::ctor);
     r.register("striped", striped::Striped::ctor);
