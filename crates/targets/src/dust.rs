@@ -24,7 +24,7 @@
 use arc_swap::ArcSwap;
 use stackbd_core::target::{expect_args, parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapCx, MapResult, Op, Sector, Status, Target,
+    ArgError, Bio, CtorCx, DevId, DevRef, Limits, TargetCx, MapResult, Op, Sector, Status, Target,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,7 +220,7 @@ impl Target for Dust {
         "dust"
     }
 
-    fn map(&self, bio: &mut Bio, _cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> MapResult {
         bio.dev = self.dev.id;
         bio.sector += self.offset;
         if bio.op == Op::Flush || !self.enabled.load(Ordering::Relaxed) {

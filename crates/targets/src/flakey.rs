@@ -31,7 +31,7 @@
 
 use stackbd_core::target::{parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, BioFlags, CtorCx, DevId, DevRef, Endio, EndioCx, Limits, MapCx, MapResult, Op,
+    ArgError, Bio, BioFlags, CtorCx, DevId, DevRef, Endio, Limits, TargetCx, MapResult, Op,
     Sector, Status, Target,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -481,7 +481,7 @@ impl Target for Flakey {
         "flakey"
     }
 
-    fn map(&self, bio: &mut Bio, cx: &mut MapCx<'_>) -> MapResult {
+    fn map(&self, bio: &mut Bio, cx: &mut TargetCx<'_>) -> MapResult {
         if self.is_down() {
             if let Some(r) = self.down_action(bio) {
                 return r;
@@ -495,7 +495,7 @@ impl Target for Flakey {
         MapResult::Remapped
     }
 
-    fn end_io(&self, bio: &mut Bio, _cx: &mut EndioCx<'_>) -> Endio {
+    fn end_io(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> Endio {
         let f: FlakeyFrame = bio.popped_ctx();
         if f.down == 1 && bio.status.is_ok() {
             self.corrupt_read(bio);
