@@ -24,7 +24,7 @@
 use arc_swap::ArcSwap;
 use stackbd_core::target::{expect_args, parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, DevRef, Limits, TargetCx, MapResult, Op, Sector, Status, Target,
+    ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapResult, Op, Sector, Status, Target, TargetCx,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

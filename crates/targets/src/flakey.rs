@@ -21,21 +21,28 @@
 //! `random_read_corrupt 0`) means `error_reads error_writes`: all I/O fails while down, and the
 //! table line prints it so, as dm does.
 //!
-//! Reads are corrupted in `end_io`, in the bio's own buffer: the data is the reader's. Corrupting
-//! a write must not change the submitter's buffer, so it needs a pooled bounce buffer the core
-//! does not offer yet: `corrupt_bio_byte ... w ...` and a non-zero `random_write_corrupt` are
-//! parsed, checked and printed, but refused at table load ("needs bounce buffers").
+//! Reads are corrupted in `end_io`, in the bio's own buffer: the data is the reader's. A write
+//! to corrupt must not change the submitter's buffer: `map` copies it into a pooled bounce
+//! buffer (`TargetCx::bounce`), corrupts the copy, sends the copy down as a child bio and holds
+//! the original until the child is done (`MapResult::Hold`); `child_done` gives the buffer back
+//! and `unparked` completes the write with the child's status. Nothing is allocated per I/O
+//! once the reactor's bounce pool is warm; with the pool exhausted the write is requeued.
 //!
 //! Differences from dm: trailing arguments after the feature group are refused (dm ignores them);
 //! numbers are plain decimal digits.
 
 use stackbd_core::target::{parse_num, TargetExtent};
 use stackbd_core::{
-    ArgError, Bio, BioFlags, CtorCx, DevId, DevRef, Endio, Limits, TargetCx, MapResult, Op,
-    Sector, Status, Target,
+    ArgError, Bio, BioFlags, CtorCx, DevId, DevRef, Endio, Limits, MapResult, Op, Sector, Status,
+    Target, TargetCx,
 };
+use stackbd_core::{ChildIo, ReactorInit};
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+/// Children's statuses by key (bounce id), kept until their held writes unpark.
+struct WriteResults(Vec<(u64, Status)>);
 
 /// dm-flakey's probability scale: `p / PROBABILITY_BASE` is the chance to corrupt a bio.
 pub const PROBABILITY_BASE: u32 = 1_000_000_000;
@@ -389,17 +396,6 @@ impl Flakey {
     pub fn ctor(cx: &CtorCx<'_>, args: &[&str]) -> Result<Box<dyn Target>, ArgError> {
         let a = FlakeyArgs::parse(args)?;
         let born = Instant::now();
-        if a.corrupts_writes() {
-            let field = if a.random_write != 0 {
-                "random_write_corrupt"
-            } else {
-                "corrupt_bio_byte"
-            };
-            return Err(ArgError::new(
-                field,
-                "corrupt_bio_byte w / random_write_corrupt: needs bounce buffers (not supported yet)",
-            ));
-        }
         let (dev, _) = cx.device("dev path", &a.dev, a.offset, cx.len)?;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -447,12 +443,54 @@ impl Flakey {
             Dir::Read => None,
             Dir::Write if self.a.drop_writes => Some(MapResult::Done(Status::Ok)),
             Dir::Write if self.a.error_writes => Some(MapResult::Done(Status::IoError)),
-            // Refused at load until the core brings bounce buffers; never corrupt in place.
-            Dir::Write if self.a.corrupts_writes() && bio.op.has_data() => {
-                Some(MapResult::Done(Status::NotSupported))
-            }
             Dir::Write => None,
         }
+    }
+
+    /// Where and what to corrupt in a write mapped while down, if anything: (byte, value) for
+    /// `corrupt_bio_byte ... w`, then a random byte for `random_write_corrupt`.
+    fn write_damage(&self, bio: &Bio) -> [Option<(usize, u8)>; 2] {
+        let len = bio.data.len();
+        let mut out = [None, None];
+        if let Some(c) = self.a.corrupt {
+            let at = c.nth as usize - 1; // nth >= 1
+            if c.dir == Dir::Write && dm_opf(bio.op, bio.flags) & c.flags == c.flags && at < len {
+                out[0] = Some((at, c.value));
+            }
+        }
+        if len > 0 && self.chance(self.a.random_write) {
+            let r = self.random();
+            out[1] = Some(((r as u32 as usize) % len, (r >> 32) as u8));
+        }
+        out
+    }
+
+    /// Sends a corrupted copy of a write down through a bounce buffer; holds the write.
+    fn corrupt_write(
+        &self,
+        bio: &Bio,
+        cx: &mut TargetCx<'_>,
+        damage: [Option<(usize, u8)>; 2],
+    ) -> MapResult {
+        let Some(b) = cx.bounce(bio.data.len()) else {
+            return MapResult::Requeue;
+        };
+        let copy = b.data();
+        bio.data.copy_to(0, &copy, 0, bio.data.len());
+        for (at, v) in damage.into_iter().flatten() {
+            copy.write_from(at, &[v]);
+        }
+        cx.submit_child(ChildIo {
+            op: Op::Write,
+            flags: bio.flags,
+            dev: self.dev.id,
+            sector: bio.sector + self.a.offset,
+            sectors: bio.sectors,
+            copy_src: 0,
+            data: copy,
+            tag: b.id() as u64,
+        });
+        MapResult::Hold { key: b.id() as u64 }
     }
 
     /// Corrupts one byte of a completed read (the read's own buffer).
@@ -486,6 +524,12 @@ impl Target for Flakey {
             if let Some(r) = self.down_action(bio) {
                 return r;
             }
+            if bio.op == Op::Write && self.a.corrupts_writes() {
+                let damage = self.write_damage(bio);
+                if damage.iter().any(Option::is_some) {
+                    return self.corrupt_write(bio, cx, damage);
+                }
+            }
             if bio.op == Op::Read && !bio.data.is_empty() && self.corrupts_reads() {
                 cx.push(bio, &FlakeyFrame { down: 1 });
             }
@@ -505,6 +549,29 @@ impl Target for Flakey {
 
     fn frame_bytes(&self) -> usize {
         std::mem::size_of::<FlakeyFrame>()
+    }
+
+    /// Per reactor: the statuses of corrupted writes' children until their writes unpark.
+    fn reactor_state(&self, _init: &ReactorInit) -> Option<Box<dyn Any + Send>> {
+        self.a
+            .corrupts_writes()
+            .then(|| Box::new(WriteResults(Vec::with_capacity(256))) as Box<dyn Any + Send>)
+    }
+
+    fn child_done(&self, cx: &mut TargetCx<'_>, tag: u64, status: Status) {
+        cx.release(tag as u32);
+        cx.state::<WriteResults>().0.push((tag, status));
+        cx.unpark(tag);
+    }
+
+    /// A corrupted write's child is done: complete the write with its status.
+    fn unparked(&self, _bio: &mut Bio, cx: &mut TargetCx<'_>, key: u64) -> MapResult {
+        let r = &mut cx.state::<WriteResults>().0;
+        let status = r
+            .iter()
+            .position(|x| x.0 == key)
+            .map_or(Status::IoError, |i| r.swap_remove(i).1);
+        MapResult::Done(status)
     }
 
     fn flush_devices(&self) -> Vec<DevId> {

@@ -9,6 +9,9 @@ use stackbd_core::{BioFlags, DataBuf, DevId, Engine, Op, ReactorConfig, Request,
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[global_allocator]
+static ALLOC: stackbd_core::alloc_count::CountingAlloc = stackbd_core::alloc_count::CountingAlloc;
+
 const LEAF_SECTORS: u64 = 2048;
 const SECTOR: usize = 512;
 
@@ -301,29 +304,73 @@ fn random_read_corrupt_changes_at_most_one_byte() {
 }
 
 #[test]
-fn write_corruption_is_refused_until_bounce_buffers() {
-    let (mut e, _) = engine();
-    for feat in [
-        "5 corrupt_bio_byte 1 w 0 0",
-        "5 corrupt_bio_byte 1 W 0 0",
-        "2 random_write_corrupt 5",
-        "7 corrupt_bio_byte 1 r 0 0 random_write_corrupt 1000000000",
-    ] {
-        let err = e
-            .create("v", Some(&format!("0 1024 flakey m0 0 0 1 {feat}")))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("needs bounce buffers"), "{feat}: {err}");
+fn corrupt_bio_byte_w_corrupts_what_lands_not_the_writers_buffer() {
+    // Down from the start: byte 3 of every write becomes 0x07 on the device.
+    let (mut e, leaf, v) = rig("0 0 1 5 corrupt_bio_byte 3 w 7 0");
+    let buf: Vec<u8> = (0..8 * SECTOR).map(|i| (i % 251) as u8 + 1).collect();
+    let before = buf.clone();
+    assert_eq!(e.write_at(v, 16, &buf), Status::Ok);
+    assert_eq!(buf, before, "the writer's buffer is untouched");
+    let got = leaf_bytes(&mut e, leaf, 16, 8);
+    assert_eq!(diff(&got, &before), vec![2], "only the third byte differs");
+    assert_eq!(got[2], 7);
+    // Split across two targets: each piece is its own bio with its own third byte.
+    e.reload(
+        "v",
+        "0 8 flakey m0 0 0 1 5 corrupt_bio_byte 3 w 7 0\n8 1016 flakey m0 8 0 1 5 corrupt_bio_byte 3 w 7 0",
+    )
+    .unwrap();
+    assert_eq!(e.write_at(v, 4, &buf), Status::Ok);
+    let got = leaf_bytes(&mut e, leaf, 4, 8);
+    assert_eq!(diff(&got, &before), vec![2, 4 * SECTOR + 2]);
+    // Reads are not corrupted by a write-only feature.
+    let (s, r) = read(&mut e, v, 4, 8);
+    assert_eq!(s, Status::Ok);
+    assert_eq!(r, got);
+}
+
+#[test]
+fn random_write_corrupt_changes_one_byte_on_the_device_only() {
+    let (mut e, leaf, v) = rig("0 0 1 2 random_write_corrupt 1000000000");
+    let mut changed = 0;
+    for i in 0..20u64 {
+        let buf = vec![0x5au8; 2 * SECTOR];
+        assert_eq!(e.write_at(v, i * 2, &buf), Status::Ok);
+        assert!(
+            buf.iter().all(|&b| b == 0x5a),
+            "the writer's buffer is untouched"
+        );
+        let got = leaf_bytes(&mut e, leaf, i * 2, 2);
+        let d = diff(&got, &buf);
+        assert!(d.len() <= 1, "at most one byte per write: {d:?}");
+        changed += d.len();
     }
-    // A zero probability is off: dm's default (all I/O fails while down) applies.
-    let v = e
-        .create("v", Some("0 1024 flakey m0 0 0 1 2 random_write_corrupt 0"))
+    // A random value may equal 0x5a (1 in 256): most writes show their corruption.
+    assert!(changed >= 15, "{changed} of 20 writes corrupted");
+    // With probability 0 the feature is off: dm's default (all I/O fails while down) applies.
+    let v2 = e
+        .create("w", Some("0 1024 flakey m0 0 0 1 2 random_write_corrupt 0"))
         .unwrap();
     assert_eq!(
-        e.table("v", false).unwrap(),
+        e.table("w", false).unwrap(),
         "0 1024 flakey m0 0 0 1 2 error_reads error_writes\n"
     );
-    assert_eq!(e.write_at(v, 0, &[1u8; 512]), Status::IoError);
+    assert_eq!(e.write_at(v2, 0, &[1u8; 512]), Status::IoError);
+}
+
+#[test]
+fn corrupted_writes_allocate_nothing_once_warm() {
+    let (mut e, _leaf, v) = rig("0 0 1 5 corrupt_bio_byte 1 w 0 0");
+    let buf = vec![9u8; 8 * SECTOR];
+    for i in 0..64 {
+        assert_eq!(e.write_at(v, i * 8, &buf), Status::Ok);
+    }
+    let before = stackbd_core::alloc_count::thread_allocs();
+    for i in 0..2000u64 {
+        assert_eq!(e.write_at(v, (i % 120) * 8, &buf), Status::Ok);
+    }
+    let n = stackbd_core::alloc_count::thread_allocs() - before;
+    assert_eq!(n, 0, "{n} allocations for 2000 corrupted writes");
 }
 
 #[test]

@@ -501,24 +501,26 @@ impl Reactor {
         let Some(vt) = self.targets.get_mut(dev.0 as usize) else {
             return;
         };
-        let mut out: Vec<(BioId, u16)> = Vec::new();
+        // Control path (a suspend) or a rare sweep: the list may allocate.
+        let mut out: Vec<(BioId, u16, u64)> = Vec::new();
         for (ti, s) in vt.slots.iter_mut().enumerate() {
             s.parked.retain(|p| {
                 if p.pinned {
                     true
                 } else {
-                    out.push((p.id, ti as u16));
+                    out.push((p.id, ti as u16, p.key));
                     false
                 }
             });
         }
-        for (id, target) in out {
+        for (id, target, key) in out {
             self.push_back(Requeued {
                 id,
                 vol: dev,
                 target,
                 due: None,
             });
+            self.with_target(dev, target, None, |t, cx| t.pushed_back(cx, key));
         }
     }
 }

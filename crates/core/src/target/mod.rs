@@ -131,6 +131,11 @@ pub trait Target: Send + Sync + fmt::Debug + 'static {
         self.map(bio, cx)
     }
 
+    /// A `noflush` suspend took a bio this target had parked under `key` (not held) back to
+    /// the volume: it will not be unparked here; a later `unpark` of the key finds nothing.
+    /// Targets that count their parked bios adjust here. Reactor thread.
+    fn pushed_back(&self, _cx: &mut TargetCx<'_>, _key: u64) {}
+
     /// A child bio this target sent with [`TargetCx::submit_child`] completed. The child is
     /// gone (freed); a buffer it pointed into is the target's again. Reactor thread.
     fn child_done(&self, _cx: &mut TargetCx<'_>, _tag: u64, _status: Status) {}
