@@ -120,3 +120,54 @@ fn the_counter_sees_allocations() {
     drop(v);
     assert_eq!(thread_allocs() - before, 1);
 }
+
+/// `delay -> flakey -> linear -> striped -> mem`, every I/O delayed 1 ms on a reactor timer
+/// (parked, then unparked by the timer), at a queue depth of 32.
+#[test]
+fn zero_heap_allocations_through_delay_and_flakey_with_every_delay_on_a_timer() {
+    let (mut e, _, size) = four_layer_stack();
+    e.create("fl", Some(&format!("0 {size} flakey top 0 3600 1")))
+        .unwrap();
+    let top = e
+        .create("dl", Some(&format!("0 {size} delay fl 0 1")))
+        .unwrap();
+    let mut rng = Rng::new(9);
+    let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 64 * 512]).collect();
+    let mut run = |e: &mut Engine, rounds: u64, rng: &mut Rng| {
+        for _ in 0..rounds {
+            for (i, b) in bufs.iter_mut().enumerate() {
+                let sectors = rng.range(1, 64) as u32;
+                let sector = rng.range(0, size - sectors as u64);
+                let op = if i % 2 == 0 { Op::Write } else { Op::Read };
+                // SAFETY: `bufs` outlives the round, which reaps every completion before the
+                // buffers are touched again.
+                let data = unsafe { DataBuf::from_slice(&mut b[..sectors as usize * 512]) };
+                e.submit(&Request::new(op, top, sector, sectors, data, i as u64))
+                    .unwrap();
+            }
+            e.poll();
+            assert_eq!(
+                e.reactor().parked_total(),
+                32,
+                "every I/O waits for its timer"
+            );
+            let mut done = 0;
+            while done < 32 {
+                e.poll();
+                while let Some(c) = e.reap() {
+                    assert!(c.status.is_ok());
+                    done += 1;
+                }
+            }
+        }
+    };
+    run(&mut e, 50, &mut rng);
+    let before = thread_allocs();
+    run(&mut e, 500, &mut rng); // 16,000 I/Os
+    assert_eq!(
+        thread_allocs() - before,
+        0,
+        "heap allocations over 16,000 delayed I/Os at QD32"
+    );
+    assert_eq!(e.reactor().pool().stats.grown, 0);
+}
