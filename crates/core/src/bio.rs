@@ -82,12 +82,38 @@ impl std::ops::BitOr for BioFlags {
     }
 }
 
+/// Context of a split frame: the parent's geometry at the split, and the pieces still out.
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub(crate) struct SplitCtx {
+    pub(crate) sector: u64,
+    pub(crate) copy_src: u64,
+    /// Bytes the parent's data window was advanced by the split.
+    pub(crate) data_advanced: u64,
+    pub(crate) sectors: u32,
+    /// Pieces not yet completed: the clones plus the remainder itself.
+    pub(crate) pending: u32,
+    pub(crate) status: u8,
+    /// A piece was pushed back (noflush suspend): the whole bio goes back up to its volume.
+    pub(crate) pushback: u8,
+    pub(crate) _pad: [u8; 6],
+}
+
+impl SplitCtx {
+    pub(crate) fn merge(&mut self, s: Status, pushback: bool) {
+        let mut st = Status::from_u8(self.status);
+        st.merge(s);
+        self.status = st as u8;
+        self.pushback |= pushback as u8;
+    }
+}
+
 /// Who sees a frame's completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FrameKind {
     /// Entry into a volume: in-flight accounting for suspend, no context.
     Volume,
-    /// A split at this volume: the context is a [`crate::reactor::SplitCtx`].
+    /// A split at this volume: the context is a [`SplitCtx`].
     Split,
     /// A target's own frame; its `end_io` sees the context.
     Target { target: u16 },

@@ -13,7 +13,6 @@ use crate::table::{Table, TableError};
 use crate::target::{DevInfo, DeviceLookup, TargetRegistry};
 use crate::{DevId, Sector, SECTOR_SIZE};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,21 +99,7 @@ impl Default for SuspendOpts {
     }
 }
 
-/// Event counter of a volume (`dmsetup wait`); targets raise it on state changes.
-#[derive(Debug, Default)]
-pub struct Events {
-    nr: AtomicU64,
-}
-
-impl Events {
-    pub fn raise(&self) {
-        self.nr.fetch_add(1, Ordering::Release);
-    }
-
-    pub fn nr(&self) -> u64 {
-        self.nr.load(Ordering::Acquire)
-    }
-}
+pub use crate::events::Events;
 
 /// `dmsetup info`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -63,6 +63,20 @@ pub trait LeafChannel: Send {
         None
     }
 
+    /// Copies `sectors` from `src` on this leaf to `dst_sector` on `dst` in the kernel, when
+    /// both are files of one filesystem (`copy_file_range`, which reflinks where it can).
+    /// `None`: not possible between these two (the caller emulates the copy). Reactor thread;
+    /// it runs the whole copy before it returns (the copy engine's pieces bound how long).
+    fn kernel_copy_to(
+        &self,
+        _src: Sector,
+        _dst: &dyn LeafChannel,
+        _dst_sector: Sector,
+        _sectors: Sector,
+    ) -> Option<Status> {
+        None
+    }
+
     /// Called before the reactor sleeps: hand anything still queued to the kernel and say how
     /// the reactor can learn about the next completion.
     fn prepare_wait(&mut self) -> WaitHint {

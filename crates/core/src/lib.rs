@@ -8,6 +8,7 @@ pub mod bio;
 pub mod buf;
 pub mod copy;
 pub mod engine;
+pub mod events;
 pub mod leaf;
 pub mod limits;
 pub mod reactor;
@@ -17,6 +18,7 @@ pub mod service;
 pub mod status;
 pub mod table;
 pub mod target;
+pub mod volume;
 
 pub use bio::{Bio, BioFlags, BioId, Op};
 pub use buf::DataBuf;

@@ -110,7 +110,7 @@ pub struct Table {
 }
 
 /// Bytes of a split frame's context; every volume level reserves room for one.
-pub const SPLIT_FRAME_BYTES: usize = std::mem::size_of::<crate::reactor::SplitCtx>();
+pub const SPLIT_FRAME_BYTES: usize = std::mem::size_of::<crate::bio::SplitCtx>();
 
 /// A stack deeper than this is refused (frames are bounded per bio).
 pub const MAX_STACK_FRAMES: u32 = crate::bio::MAX_FRAMES as u32;

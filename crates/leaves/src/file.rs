@@ -1167,6 +1167,51 @@ impl LeafChannel for FileChannel {
         Some((self.st.sh.file.as_raw_fd(), st.st_dev))
     }
 
+    fn kernel_copy_to(
+        &self,
+        src: Sector,
+        dst: &dyn LeafChannel,
+        dst_sector: Sector,
+        sectors: Sector,
+    ) -> Option<Status> {
+        let (sfd, sfs) = self.copy_fd()?;
+        let (dfd, dfs) = dst.copy_fd()?;
+        if sfs != dfs {
+            return None;
+        }
+        // SAFETY: both fds belong to leaf channels the caller holds (this one and `dst`), open
+        // for the whole call.
+        let (sf, df) = unsafe {
+            (
+                std::os::fd::BorrowedFd::borrow_raw(sfd),
+                std::os::fd::BorrowedFd::borrow_raw(dfd),
+            )
+        };
+        let bytes = sectors.checked_mul(SECTOR_SIZE as u64)?;
+        let (mut so, mut d_o) = (
+            src.checked_mul(SECTOR_SIZE as u64)?,
+            dst_sector.checked_mul(SECTOR_SIZE as u64)?,
+        );
+        let mut left = usize::try_from(bytes).ok()?;
+        let all = left;
+        while left > 0 {
+            match rustix::fs::copy_file_range(sf, Some(&mut so), df, Some(&mut d_o), left) {
+                Ok(0) => return Some(Status::IoError),
+                Ok(n) => left -= n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::NOSPC) => return Some(Status::NoSpace),
+                // Cross-device or unsupported after all: let the layer emulate instead.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) if left == all => return None,
+                Err(_) => return Some(Status::IoError),
+            }
+        }
+        Some(Status::Ok)
+    }
+
     fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId) {
         let Some(ring) = self.ring.as_mut() else {
             cx.complete(id, Status::IoError);

@@ -214,7 +214,7 @@ pub struct TargetEnv {
     /// The volume's name, for logs.
     pub volume: String,
     /// The volume's event counter.
-    pub events: std::sync::Arc<crate::engine::Events>,
+    pub events: std::sync::Arc<crate::events::Events>,
 }
 
 /// Answer of [`Target::extent`].
