@@ -597,7 +597,7 @@ fn unknown_leaf_kind_in_the_state_file_is_refused() {
     assert!(!out.ok(), "served a state with an unknown kind");
     assert!(
         out.stderr
-            .contains("state.toml:2: [leaf.t]: unknown kind 'tape' (known: mem, null, file, nbd)"),
+            .contains("state.toml:2: [leaf.t]: unknown kind 'tape' (known: mem, null, file, nbd, powercut)"),
         "{out:?}"
     );
 }
