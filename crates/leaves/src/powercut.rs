@@ -661,10 +661,7 @@ impl Leaf for PowerCutLeaf {
                 } else {
                     "the durable image (the power is still on: flushed and FUA writes only)"
                 };
-                Ok(format!(
-                    "saved {what}: {} bytes to {path}",
-                    img.len()
-                ))
+                Ok(format!("saved {what}: {} bytes to {path}", img.len()))
             }
             ["stats"] => {
                 let s = self.stats();
@@ -673,7 +670,11 @@ impl Leaf for PowerCutLeaf {
                     "power={} writes={} fua_writes={} flushes={} reads={} failed_after_cut={} \
                      cut_at_write={cut_at} unflushed_at_cut={} persisted_at_cut={} \
                      lost_at_cut={} torn_at_cut={}",
-                    if s.cut_at_write.is_some() { "off" } else { "on" },
+                    if s.cut_at_write.is_some() {
+                        "off"
+                    } else {
+                        "on"
+                    },
                     s.writes,
                     s.fua_writes,
                     s.flushes,

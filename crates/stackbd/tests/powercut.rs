@@ -73,7 +73,11 @@ fn cut_save_and_reboot_through_the_cli() {
     data.resize(96 << 10, 0xbb);
     std::fs::write(&b, data).unwrap();
     run_ok(tool("nbdcopy").arg(&b).arg(&uri), QUICK);
-    qemu_io(&["-r"], &uri, &["read -P 0xaa 0 32k", "read -P 0xbb 32k 64k"]);
+    qemu_io(
+        &["-r"],
+        &uri,
+        &["read -P 0xaa 0 32k", "read -P 0xbb 32k 64k"],
+    );
     let stats = cli_ok(&d, &["leaf", "message", "p0", "stats"]);
     // (qemu-io's default cache mode writes A with FUA and flushes again when it closes.)
     assert!(stats.starts_with("power=on writes=2 "), "{stats}");
@@ -105,7 +109,10 @@ fn cut_save_and_reboot_through_the_cli() {
     );
     let stats = cli_ok(&d, &["leaf", "message", "p0", "stats"]);
     assert!(stats.starts_with("power=off "), "{stats}");
-    assert!(stats.contains(" cut_at_write=2 unflushed_at_cut=1 "), "{stats}");
+    assert!(
+        stats.contains(" cut_at_write=2 unflushed_at_cut=1 "),
+        "{stats}"
+    );
 
     let out = cli_ok(&d, &["leaf", "message", "--json", "p0", "save", img_s]);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -132,7 +139,11 @@ fn cut_save_and_reboot_through_the_cli() {
         &["leaf", "message", "m", "cut"],
         "leaf 'm': mem leaf does not accept messages",
     );
-    cli_err(&d, &["leaf", "message", "v", "cut"], "is a volume, not a leaf");
+    cli_err(
+        &d,
+        &["leaf", "message", "v", "cut"],
+        "is a volume, not a leaf",
+    );
     cli_err(&d, &["leaf", "message", "nope", "cut"], "nope");
     let r = d.control(&json!({"v": 1, "cmd": "leaf_message", "name": "p0", "argv": []}));
     assert_eq!(r["ok"], false, "{r}");
@@ -239,16 +250,31 @@ fn bad_powercut_parameters_are_clear_errors() {
     );
     cli_err(
         &d,
-        &["leaf", "add", "q", "powercut", &format!("image={missing_s}")],
+        &[
+            "leaf",
+            "add",
+            "q",
+            "powercut",
+            &format!("image={missing_s}"),
+        ],
         &format!("image {missing_s}: No such file or directory"),
     );
     cli_err(
         &d,
-        &["leaf", "add", "q", "powercut", "1MiB", &format!("image={img_s}")],
+        &[
+            "leaf",
+            "add",
+            "q",
+            "powercut",
+            "1MiB",
+            &format!("image={img_s}"),
+        ],
         "the image is 64KiB (65536 bytes) but size says 1MiB (1048576 bytes)",
     );
-    let r = d.control(&json!({"v": 1, "cmd": "leaf_add", "name": "q", "kind": "powercut",
-        "size": "1MiB", "colour": "red"}));
+    let r = d.control(
+        &json!({"v": 1, "cmd": "leaf_add", "name": "q", "kind": "powercut",
+        "size": "1MiB", "colour": "red"}),
+    );
     assert_eq!(r["ok"], false, "{r}");
     assert!(
         r["error"]
@@ -258,7 +284,10 @@ fn bad_powercut_parameters_are_clear_errors() {
         "{r}"
     );
     // None of it added a leaf; a good one is added, and boots from the image.
-    let out = cli_ok(&d, &["leaf", "add", "q", "powercut", &format!("image={img_s}")]);
+    let out = cli_ok(
+        &d,
+        &["leaf", "add", "q", "powercut", &format!("image={img_s}")],
+    );
     assert!(out.is_empty(), "{out}");
     let ls = cli_ok(&d, &["leaf", "ls"]);
     assert!(ls.contains("q     powercut  128"), "{ls}");

@@ -151,7 +151,8 @@ impl LeafKind for PowerCut {
                 let refuse = |why: String| {
                     io::Error::new(io::ErrorKind::InvalidInput, format!("image {shown}: {why}"))
                 };
-                let size = Size::new(bytes).map_err(|e| refuse(e.replace("invalid size", "size")))?;
+                let size =
+                    Size::new(bytes).map_err(|e| refuse(e.replace("invalid size", "size")))?;
                 if bytes > MAX_POWERCUT_BYTES {
                     return Err(refuse(format!(
                         "{size} is too large for a powercut leaf (at most 4GiB)"

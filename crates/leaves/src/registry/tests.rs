@@ -226,7 +226,10 @@ fn builds_leaves() {
 #[test]
 fn powercut_params_defaults_and_errors() {
     let p = parse("powercut", &table("size = 1048576")).unwrap();
-    assert_eq!(p.to_toml(), "kind = \"powercut\"\nsize = \"1MiB\"\nseed = 0\ntear = false\nreorder = false\n");
+    assert_eq!(
+        p.to_toml(),
+        "kind = \"powercut\"\nsize = \"1MiB\"\nseed = 0\ntear = false\nreorder = false\n"
+    );
     let t: PowerCutParams = p.typed().unwrap();
     assert_eq!((t.cut_after, t.cut_random, t.image), (None, None, None));
     // An image alone is enough: the size comes from it.
@@ -235,7 +238,10 @@ fn powercut_params_defaults_and_errors() {
         let e = parse("powercut", &table(text)).unwrap_err().to_string();
         assert!(e.contains(want), "{text}: {e}");
     };
-    bad("seed = 1", "size: missing: a powercut leaf needs a size, or an image");
+    bad(
+        "seed = 1",
+        "size: missing: a powercut leaf needs a size, or an image",
+    );
     bad(
         "size = 4096\ncolour = 1",
         "unknown key 'colour' (powercut leaves take: kind, size, seed, tear, reorder, \
@@ -245,15 +251,30 @@ fn powercut_params_defaults_and_errors() {
         "size = 4096\ncut_random = \"9..5\"",
         "cut_random: '9..5': LO (9) is more than HI (5)",
     );
-    bad("size = 4096\ncut_random = \"9\"", "cut_random: '9': expected LO..HI");
-    bad("size = 4096\ncut_random = \"1..x\"", "'x' is not a whole number");
-    bad("size = 4096\ncut_random = \"-1..2\"", "'-1' is not a whole number");
+    bad(
+        "size = 4096\ncut_random = \"9\"",
+        "cut_random: '9': expected LO..HI",
+    );
+    bad(
+        "size = 4096\ncut_random = \"1..x\"",
+        "'x' is not a whole number",
+    );
+    bad(
+        "size = 4096\ncut_random = \"-1..2\"",
+        "'-1' is not a whole number",
+    );
     bad("size = 4096\ncut_random = 5", "expected a string");
-    bad("size = 4096\ncut_after = -1", "cut_after: -1 is out of range");
+    bad(
+        "size = 4096\ncut_after = -1",
+        "cut_after: -1 is out of range",
+    );
     bad("size = 4096\nseed = -7", "seed: -7 is out of range");
     bad("size = 4096\ntear = 1", "tear: expected true or false");
     bad("size = 1000", "512-byte sectors");
-    bad("size = \"5GiB\"", "too large for a powercut leaf (at most 4GiB");
+    bad(
+        "size = \"5GiB\"",
+        "too large for a powercut leaf (at most 4GiB",
+    );
     bad("size = 4096\nimage = \"\"", "image: empty");
 }
 
@@ -261,10 +282,13 @@ fn powercut_params_defaults_and_errors() {
 fn powercut_builds_and_boots_from_an_image() {
     let dir = std::env::temp_dir().join(format!("stackbd-reg-pc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let l = parse("powercut", &table("size = \"64KiB\"\nseed = 3\ncut_after = 9"))
-        .unwrap()
-        .build()
-        .unwrap();
+    let l = parse(
+        "powercut",
+        &table("size = \"64KiB\"\nseed = 3\ncut_after = 9"),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
     assert_eq!((l.kind(), l.size()), ("powercut", 128));
     assert_eq!(l.args(), "64KiB seed=3 cut_after=9");
     // An image: the size comes from it, and its bytes are the device's.
@@ -281,18 +305,24 @@ fn powercut_builds_and_boots_from_an_image() {
     assert_eq!(std::fs::read(&saved).unwrap(), bytes);
     assert!(from(format!("size = 8192\nimage = {:?}", img.to_str().unwrap())).is_ok());
     // A size that does not match, an image that is missing or not whole sectors: errors.
-    let e = from(format!("size = \"1MiB\"\nimage = {:?}", img.to_str().unwrap()))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = from(format!(
+        "size = \"1MiB\"\nimage = {:?}",
+        img.to_str().unwrap()
+    ))
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains("the image is 8KiB (8192 bytes) but size says 1MiB (1048576 bytes)"),
         "{e}"
     );
-    let e = from(format!("image = {:?}", dir.join("nope.img").to_str().unwrap()))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = from(format!(
+        "image = {:?}",
+        dir.join("nope.img").to_str().unwrap()
+    ))
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("nope.img: No such file"), "{e}");
     std::fs::write(&img, [1u8; 1000]).unwrap();
     let e = from(format!("image = {:?}", img.to_str().unwrap()))
