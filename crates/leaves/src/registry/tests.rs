@@ -282,15 +282,15 @@ fn powercut_params_defaults_and_errors() {
 fn powercut_builds_and_boots_from_an_image() {
     let dir = std::env::temp_dir().join(format!("stackbd-reg-pc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let l = parse(
-        "powercut",
-        &table("size = \"64KiB\"\nseed = 3\ncut_after = 9"),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
+    // Every option reaches the leaf.
+    let text = "size = \"64KiB\"\nseed = 3\ntear = true\nreorder = true\ncut_after = 9\n\
+                cut_random = \"4..6\"";
+    let l = parse("powercut", &table(text)).unwrap().build().unwrap();
     assert_eq!((l.kind(), l.size()), ("powercut", 128));
-    assert_eq!(l.args(), "64KiB seed=3 cut_after=9");
+    assert_eq!(
+        l.args(),
+        "64KiB seed=3 tear reorder cut_after=9 cut_random=4..6"
+    );
     // An image: the size comes from it, and its bytes are the device's.
     let img = dir.join("pc.img");
     let mut bytes = vec![0u8; 8192];
