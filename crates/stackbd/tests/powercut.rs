@@ -153,7 +153,7 @@ fn cut_save_and_reboot_through_the_cli() {
     d.signal("TERM");
     let s = d.wait_exit(Duration::from_secs(40));
     let log = d.log_text();
-    assert!(!s.success(), "exit {s}: {log}");
+    assert_eq!(s.code(), Some(1), "exit {s}: {log}");
     assert!(
         log.contains("flushing leaf p0: powercut: the power is off"),
         "{log}"
