@@ -246,7 +246,7 @@ pub fn kind_names() -> String {
     KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
 }
 
-/// `unknown kind 'x' (known: mem, null, file, nbd)`.
+/// `unknown kind 'x' (known: mem, null, file, nbd, powercut)`.
 pub fn unknown_kind(name: &str) -> String {
     format!("unknown kind '{name}' (known: {})", kind_names())
 }
