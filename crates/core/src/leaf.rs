@@ -32,6 +32,15 @@ pub trait Leaf: Send + Sync + fmt::Debug {
     fn probe(&self, _timeout: std::time::Duration) -> Result<(), String> {
         Ok(())
     }
+
+    /// A message to the leaf itself (`stackbd leaf message NAME ARGS...`, the leaf analogue of
+    /// a target message): `argv` is the words after the leaf's name; the reply is one line of
+    /// text for the operator, or an error saying what is wrong. Control plane only, from any
+    /// thread (the control socket's), never a reactor, and never under the engine lock; it may
+    /// block briefly (a leaf may take its own lock, or write a file). The default refuses.
+    fn message(&self, _argv: &[&str]) -> Result<String, String> {
+        Err(format!("{} leaf does not accept messages", self.kind()))
+    }
 }
 
 /// One reactor's queue to a leaf.

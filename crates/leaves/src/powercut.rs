@@ -624,6 +624,77 @@ impl Leaf for PowerCutLeaf {
         st.flush();
         Ok(())
     }
+
+    /// `cut` (turn the power off now), `save PATH` (write the durable image to the absolute
+    /// `PATH`: after a cut what survived, before one what is durable for sure), `stats` (the
+    /// counters on one line). Control thread; takes the device lock, `save` writes the file.
+    fn message(&self, argv: &[&str]) -> Result<String, String> {
+        match argv {
+            ["cut"] => {
+                if !self.cut() {
+                    return Err(format!(
+                        "cut: the power is already off (cut after write {})",
+                        self.stats().cut_at_write.unwrap_or(0)
+                    ));
+                }
+                let s = self.stats();
+                Ok(format!(
+                    "cut: {} unflushed writes, {} persisted, {} lost, {} torn",
+                    s.unflushed_at_cut, s.persisted_at_cut, s.lost_at_cut, s.torn_at_cut
+                ))
+            }
+            ["save", path] => {
+                let p = Path::new(path);
+                if !p.is_absolute() {
+                    return Err(format!(
+                        "save: '{path}' is relative; the daemon needs an absolute path"
+                    ));
+                }
+                // One lock for the state and the image, so a cut cannot fall in between.
+                let (cut, img) = {
+                    let st = self.lock();
+                    (st.cut, st.durable_now())
+                };
+                std::fs::write(p, &img).map_err(|e| format!("save: {path}: {e}"))?;
+                let what = if cut {
+                    "the image that survived the cut"
+                } else {
+                    "the durable image (the power is still on: flushed and FUA writes only)"
+                };
+                Ok(format!("saved {what}: {} bytes to {path}", img.len()))
+            }
+            ["stats"] => {
+                let s = self.stats();
+                let cut_at = s.cut_at_write.map_or("-".to_string(), |n| n.to_string());
+                Ok(format!(
+                    "power={} writes={} fua_writes={} flushes={} reads={} failed_after_cut={} \
+                     cut_at_write={cut_at} unflushed_at_cut={} persisted_at_cut={} \
+                     lost_at_cut={} torn_at_cut={}",
+                    if s.cut_at_write.is_some() {
+                        "off"
+                    } else {
+                        "on"
+                    },
+                    s.writes,
+                    s.fua_writes,
+                    s.flushes,
+                    s.reads,
+                    s.failed_after_cut,
+                    s.unflushed_at_cut,
+                    s.persisted_at_cut,
+                    s.lost_at_cut,
+                    s.torn_at_cut
+                ))
+            }
+            [] => Err("no message (powercut leaves take: cut, save PATH, stats)".into()),
+            [verb @ ("cut" | "save" | "stats"), ..] => Err(format!(
+                "{verb}: wrong arguments (powercut leaves take: cut, save PATH, stats)"
+            )),
+            [verb, ..] => Err(format!(
+                "unknown message '{verb}' (powercut leaves take: cut, save PATH, stats)"
+            )),
+        }
+    }
 }
 
 /// A reactor's channel: every bio takes the device lock (module docs), runs to the end under

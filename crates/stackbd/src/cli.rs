@@ -179,7 +179,7 @@ pub enum Verb {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Leaf devices: add, rm, ls.
+    /// Leaf devices: add, rm, ls, message.
     Leaf {
         #[command(subcommand)]
         cmd: LeafCmd,
@@ -207,13 +207,14 @@ pub enum Verb {
 pub enum LeafCmd {
     /// Add a leaf: `m0 mem 1GiB`, `n0 null 1GiB`, `f0 file /path/disk.img [--direct]
     /// [--queue-depth N]`, `r0 nbd nbd://host:port/export [--connections N] [--timeout 5s]`
-    /// (or `nbd+unix:///export?socket=PATH`); any parameter also as KEY=VALUE
-    /// (`queue_depth=8`), as the config file names it.
+    /// (or `nbd+unix:///export?socket=PATH`), `p0 powercut 64MiB [seed=N tear=true
+    /// reorder=true cut_after=N cut_random=LO..HI image=PATH]`; any parameter also as
+    /// KEY=VALUE (`queue_depth=8`), as the config file names it.
     Add {
         name: String,
-        /// mem, null, file or nbd.
+        /// mem, null, file, nbd or powercut.
         kind: String,
-        /// The main parameter (mem, null: the size, bytes or 512K, 64MiB, 1GiB...; file: the
+        /// The main parameter (mem, null, powercut: the size, bytes or 512K, 64MiB, 1GiB...; file: the
         /// path; nbd: the URI), then KEY=VALUE parameters.
         #[arg(value_name = "SIZE|PATH|URI|KEY=VALUE", required = true)]
         args: Vec<String>,
@@ -240,6 +241,15 @@ pub enum LeafCmd {
     },
     /// List leaves: kind, size, arguments, the volumes on them.
     Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send a message to a leaf (powercut: `cut`, `save PATH`, `stats`); prints its reply.
+    Message {
+        name: String,
+        /// The message words (`--` before any that starts with '-').
+        #[arg(required = true, value_name = "ARG")]
+        args: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -295,6 +305,7 @@ impl Verb {
                 LeafCmd::Add { .. } => "leaf add",
                 LeafCmd::Rm { .. } => "leaf rm",
                 LeafCmd::Ls { .. } => "leaf ls",
+                LeafCmd::Message { .. } => "leaf message",
             },
             Verb::Export { cmd } => match cmd {
                 ExportCmd::Add { .. } => "export add",
@@ -326,7 +337,10 @@ impl Verb {
             | Verb::Stats { conn, .. }
             | Verb::Shutdown { conn } => conn,
             Verb::Leaf { cmd } => match cmd {
-                LeafCmd::Add { conn, .. } | LeafCmd::Rm { conn, .. } | LeafCmd::Ls { conn } => conn,
+                LeafCmd::Add { conn, .. }
+                | LeafCmd::Rm { conn, .. }
+                | LeafCmd::Ls { conn }
+                | LeafCmd::Message { conn, .. } => conn,
             },
             Verb::Export { cmd } => match cmd {
                 ExportCmd::Add { conn, .. }
@@ -568,6 +582,9 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
             }
             LeafCmd::Rm { name, .. } => ("leaf_rm", json!({ "name": name })),
             LeafCmd::Ls { .. } => ("leaf_ls", json!({})),
+            LeafCmd::Message { name, args, .. } => {
+                ("leaf_message", leaf::message_request(name, args))
+            }
         },
         Verb::Export { cmd } => match cmd {
             ExportCmd::Add {
@@ -695,7 +712,10 @@ fn render(v: &Verb, r: &Value) -> String {
             n(r, "nr_requests"),
             if b(r, "request_based") { "yes" } else { "no" }
         ),
-        Verb::Message { .. } => lines(s(r, "reply")),
+        Verb::Message { .. }
+        | Verb::Leaf {
+            cmd: LeafCmd::Message { .. },
+        } => lines(s(r, "reply")),
         Verb::Deps { .. } => {
             let deps: Vec<String> = list(r, "deps")
                 .iter()

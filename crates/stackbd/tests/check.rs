@@ -454,7 +454,9 @@ fn size_that_is_not_whole_sectors_is_refused() {
 #[test]
 fn unknown_leaf_kind_is_refused() {
     let cfg = "[leaf.f]\nkind = \"tape\"\npath = \"/tmp/x\"\n";
-    check(cfg).refused(&["{path}:2: [leaf.f]: unknown kind 'tape' (known: mem, null, file, nbd)"]);
+    check(cfg).refused(&[
+        "{path}:2: [leaf.f]: unknown kind 'tape' (known: mem, null, file, nbd, powercut)",
+    ]);
 }
 
 #[test]

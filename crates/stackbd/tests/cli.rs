@@ -853,7 +853,7 @@ fn control_socket_is_private_and_survives_bad_requests() {
     );
     s.refused(
         br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"tape","size":4096}"#,
-        "unknown kind 'tape' (known: mem, null, file, nbd)",
+        "unknown kind 'tape' (known: mem, null, file, nbd, powercut)",
     );
     s.refused(
         br#"{"v":1,"cmd":"leaf_add","name":"z","kind":"nbd","params":{"uri":"nbd://h/e","timeout":"99999999999999999999s"}}"#,

@@ -444,6 +444,9 @@ fn every_leaf_kind_and_parameter_survives_a_restart() {
     for p in [&tricky, &odirect, &live] {
         std::fs::File::create(p).unwrap().set_len(4 * MIB).unwrap();
     }
+    // A saved power-cut image that both powercut leaves boot from.
+    let pcimg = dir.join("pc image");
+    std::fs::write(&pcimg, vec![0x44u8; MIB as usize]).unwrap();
     let server = NbdServer::nbdkit("r", dir, &["memory", "16M"]);
     let cfg = format!(
         r#"[leaf.m]
@@ -467,6 +470,15 @@ kind = "nbd"
 uri = {uri:?}
 connections = 2
 timeout = "1500ms"
+[leaf.pc]
+kind = "powercut"
+size = "1MiB"
+seed = 7
+tear = true
+reorder = true
+cut_after = 1000
+cut_random = "500..900"
+image = {pcimg:?}
 [volume.vfd]
 table = "0 8192 linear fd 0"
 [volume.vfo]
@@ -479,6 +491,10 @@ volume = "vfd"
 volume = "vfo"
 [export.vr]
 volume = "vr"
+[volume.vpc]
+table = "0 2048 linear pc 0"
+[export.vpc]
+volume = "vpc"
 "#,
         uri = server.uri()
     );
@@ -526,6 +542,22 @@ volume = "vr"
         ],
     );
     cli(&d, &["leaf", "add", "nl", "null", "size=5GiB"]);
+    cli(
+        &d,
+        &[
+            "leaf",
+            "add",
+            "pl",
+            "powercut",
+            "1MiB",
+            "seed=3",
+            "tear=false",
+            "reorder=true",
+            "cut_after=12",
+            "cut_random=5..9",
+            &format!("image={}", pcimg.to_str().unwrap()),
+        ],
+    );
     let want = serde_json::json!({
         "m": {"size": "3MiB"},
         "n": {"size": 1536},
@@ -535,6 +567,10 @@ volume = "vr"
         "fl": {"path": live, "direct": false, "queue_depth": 32},
         "rl": {"uri": server.uri(), "connections": 3, "timeout": "750ms"},
         "nl": {"size": "5GiB"},
+        "pc": {"size": "1MiB", "seed": 7, "tear": true, "reorder": true, "cut_after": 1000,
+               "cut_random": "500..900", "image": pcimg},
+        "pl": {"size": "1MiB", "seed": 3, "tear": false, "reorder": true, "cut_after": 12,
+               "cut_random": "5..9", "image": pcimg},
     });
     let before = leaf_params(&d);
     assert_eq!(serde_json::to_value(&before).unwrap(), want);
@@ -554,6 +590,8 @@ volume = "vr"
         "connections = 2\ntimeout = \"1500ms\"\n",
         "connections = 3\ntimeout = \"750ms\"\n",
         "size = 1536\n",
+        "seed = 7\ntear = true\nreorder = true\ncut_after = 1000\ncut_random = \"500..900\"\n",
+        "seed = 3\ntear = false\nreorder = true\ncut_after = 12\ncut_random = \"5..9\"\n",
     ] {
         assert!(text.contains(line), "state.toml lacks {line:?}:\n{text}");
     }
@@ -572,6 +610,8 @@ volume = "vr"
                 &[&format!("read -P {pattern} 1M 1M")],
             );
         }
+        // The powercut leaf booted from its image again.
+        qemu_io(&["-r"], &d.uri("vpc"), &["read -P 0x44 0 1M"]);
         stop(&mut d, "TERM");
     }
 }
@@ -596,8 +636,9 @@ fn unknown_leaf_kind_in_the_state_file_is_refused() {
     );
     assert!(!out.ok(), "served a state with an unknown kind");
     assert!(
-        out.stderr
-            .contains("state.toml:2: [leaf.t]: unknown kind 'tape' (known: mem, null, file, nbd)"),
+        out.stderr.contains(
+            "state.toml:2: [leaf.t]: unknown kind 'tape' (known: mem, null, file, nbd, powercut)"
+        ),
         "{out:?}"
     );
 }

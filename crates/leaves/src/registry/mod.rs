@@ -32,9 +32,11 @@
 //! lock.
 
 mod kinds;
+mod powercut;
 mod values;
 
 pub use kinds::{File, FileParams, Mem, MemParams, Nbd, NbdParams, Null, NullParams};
+pub use powercut::{CutRange, PowerCut, PowerCutParams, MAX_POWERCUT_BYTES};
 pub use values::{
     check_bool, check_int, check_size, check_string, check_time, parse_size, Size, TimeSpan,
 };
@@ -54,6 +56,7 @@ pub static KINDS: &[Kind] = &[
     Kind::of::<Null>(),
     Kind::of::<File>(),
     Kind::of::<Nbd>(),
+    Kind::of::<PowerCut>(),
 ];
 
 /// A leaf kind: its name, parameters and constructor. Implemented by a unit struct per kind.
@@ -238,12 +241,12 @@ pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)
 }
 
-/// `mem, null, file, nbd`.
+/// `mem, null, file, nbd, powercut`.
 pub fn kind_names() -> String {
     KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
 }
 
-/// `unknown kind 'x' (known: mem, null, file, nbd)`.
+/// `unknown kind 'x' (known: mem, null, file, nbd, powercut)`.
 pub fn unknown_kind(name: &str) -> String {
     format!("unknown kind '{name}' (known: {})", kind_names())
 }

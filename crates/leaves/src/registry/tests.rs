@@ -20,6 +20,11 @@ const EVERY_KIND: &[(&str, &str)] = &[
         "nbd",
         "uri = \"nbd+unix:///e?socket=/s\"\nconnections = 2\ntimeout = \"1500ms\"",
     ),
+    (
+        "powercut",
+        "size = \"1MiB\"\nseed = 7\ntear = true\nreorder = true\ncut_after = 100\n\
+         cut_random = \"5..9\"\nimage = \"/tmp/pc.img\"",
+    ),
 ];
 
 #[test]
@@ -169,7 +174,7 @@ fn unknown_kind_is_an_error() {
     assert!(matches!(e, LeafError::UnknownKind(_)));
     assert_eq!(
         e.to_string(),
-        "unknown kind 'tape' (known: mem, null, file, nbd)"
+        "unknown kind 'tape' (known: mem, null, file, nbd, powercut)"
     );
 }
 
@@ -216,4 +221,120 @@ fn builds_leaves() {
     let p = parse("file", &table("path = \"/nonexistent/stackbd.img\"")).unwrap();
     let e = p.build().err().unwrap().to_string();
     assert!(e.starts_with("/nonexistent/stackbd.img: "), "{e}");
+}
+
+#[test]
+fn powercut_params_defaults_and_errors() {
+    let p = parse("powercut", &table("size = 1048576")).unwrap();
+    assert_eq!(
+        p.to_toml(),
+        "kind = \"powercut\"\nsize = \"1MiB\"\nseed = 0\ntear = false\nreorder = false\n"
+    );
+    let t: PowerCutParams = p.typed().unwrap();
+    assert_eq!((t.cut_after, t.cut_random, t.image), (None, None, None));
+    // An image alone is enough: the size comes from it.
+    assert!(parse("powercut", &table("image = \"/x.img\"")).is_ok());
+    let bad = |text: &str, want: &str| {
+        let e = parse("powercut", &table(text)).unwrap_err().to_string();
+        assert!(e.contains(want), "{text}: {e}");
+    };
+    bad(
+        "seed = 1",
+        "size: missing: a powercut leaf needs a size, or an image",
+    );
+    bad(
+        "size = 4096\ncolour = 1",
+        "unknown key 'colour' (powercut leaves take: kind, size, seed, tear, reorder, \
+         cut_after, cut_random, image)",
+    );
+    bad(
+        "size = 4096\ncut_random = \"9..5\"",
+        "cut_random: '9..5': LO (9) is more than HI (5)",
+    );
+    bad(
+        "size = 4096\ncut_random = \"9\"",
+        "cut_random: '9': expected LO..HI",
+    );
+    bad(
+        "size = 4096\ncut_random = \"1..x\"",
+        "'x' is not a whole number",
+    );
+    bad(
+        "size = 4096\ncut_random = \"-1..2\"",
+        "'-1' is not a whole number",
+    );
+    bad("size = 4096\ncut_random = 5", "expected a string");
+    bad(
+        "size = 4096\ncut_after = -1",
+        "cut_after: -1 is out of range",
+    );
+    bad("size = 4096\nseed = -7", "seed: -7 is out of range");
+    bad("size = 4096\ntear = 1", "tear: expected true or false");
+    bad("size = 1000", "512-byte sectors");
+    bad(
+        "size = \"5GiB\"",
+        "too large for a powercut leaf (at most 4GiB",
+    );
+    bad("size = 4096\nimage = \"\"", "image: empty");
+}
+
+#[test]
+fn powercut_builds_and_boots_from_an_image() {
+    let dir = std::env::temp_dir().join(format!("stackbd-reg-pc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Every option reaches the leaf.
+    let text = "size = \"64KiB\"\nseed = 3\ntear = true\nreorder = true\ncut_after = 9\n\
+                cut_random = \"4..6\"";
+    let l = parse("powercut", &table(text)).unwrap().build().unwrap();
+    assert_eq!((l.kind(), l.size()), ("powercut", 128));
+    assert_eq!(
+        l.args(),
+        "64KiB seed=3 tear reorder cut_after=9 cut_random=4..6"
+    );
+    // An image: the size comes from it, and its bytes are the device's.
+    let img = dir.join("pc.img");
+    let mut bytes = vec![0u8; 8192];
+    bytes[4096..].fill(0x5a);
+    std::fs::write(&img, &bytes).unwrap();
+    let from = |text: String| parse("powercut", &table(&text)).unwrap().build();
+    let l = from(format!("image = {:?}", img.to_str().unwrap())).unwrap();
+    assert_eq!(l.size(), 16);
+    let saved = dir.join("saved.img");
+    let r = l.message(&["save", saved.to_str().unwrap()]).unwrap();
+    assert!(r.contains("8192 bytes"), "{r}");
+    assert_eq!(std::fs::read(&saved).unwrap(), bytes);
+    assert!(from(format!("size = 8192\nimage = {:?}", img.to_str().unwrap())).is_ok());
+    // A size that does not match, an image that is missing or not whole sectors: errors.
+    let e = from(format!(
+        "size = \"1MiB\"\nimage = {:?}",
+        img.to_str().unwrap()
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("the image is 8KiB (8192 bytes) but size says 1MiB (1048576 bytes)"),
+        "{e}"
+    );
+    let e = from(format!(
+        "image = {:?}",
+        dir.join("nope.img").to_str().unwrap()
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("nope.img: No such file"), "{e}");
+    std::fs::write(&img, [1u8; 1000]).unwrap();
+    let e = from(format!("image = {:?}", img.to_str().unwrap()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a whole number of 512-byte sectors"), "{e}");
+    std::fs::write(&img, []).unwrap();
+    let e = from(format!("image = {:?}", img.to_str().unwrap()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("cannot be empty"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

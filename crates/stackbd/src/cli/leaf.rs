@@ -1,4 +1,4 @@
-//! `stackbd leaf add` and `leaf ls`: the kind's parameters go to the daemon as the leaf
+//! `stackbd leaf add`, `leaf ls` and `leaf message`: the kind's parameters go to the daemon as the leaf
 //! registry (`stackbd_leaves::registry`) names them, and come back for the listing. Runs on
 //! the CLI's only thread; nothing here blocks.
 
@@ -73,6 +73,11 @@ fn value(kind: &Kind, key: &str, text: &str) -> Result<Value, String> {
         Some(v) => serde_json::to_value(v).map_err(|e| e.to_string())?,
         None => json!(text),
     })
+}
+
+/// The `leaf_message` request: the words go as they are; the leaf reads them.
+pub fn message_request(name: &str, args: &[String]) -> Value {
+    json!({"name": name, "argv": args})
 }
 
 /// `key=value ...` in the kind's field order, values as the config writes them.

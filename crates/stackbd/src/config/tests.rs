@@ -130,7 +130,7 @@ fn empty_sections_point_at_their_header() {
     assert_eq!(e.0[0].line, Some(5));
     assert_eq!(
         e.0[0].to_string(),
-        "5: [leaf.x]: missing 'kind' (one of: mem, null, file, nbd)"
+        "5: [leaf.x]: missing 'kind' (one of: mem, null, file, nbd, powercut)"
     );
 }
 

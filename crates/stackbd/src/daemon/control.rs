@@ -31,6 +31,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+mod leaf_message;
+
 pub const VERSION: u64 = 1;
 
 /// The longest request line accepted; a longer one gets an error reply and the connection is
@@ -59,6 +61,7 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ("leaf_add", &["name", "kind", "params"]),
     ("leaf_rm", &["name"]),
     ("leaf_ls", &[]),
+    ("leaf_message", &["name", "argv"]),
     ("export_add", &["volume", "name", "read_only"]),
     ("export_rm", &["name"]),
     ("export_ls", &[]),
@@ -696,6 +699,7 @@ fn handle_with(d: &Daemon, req: &Value, gone: &dyn Fn() -> bool) -> Result<Value
         }
         "wait" => wait(d, &r, gone),
         "leaf_add" => leaf_add(d, &r),
+        "leaf_message" => leaf_message::leaf_message(d, &r),
         "leaf_rm" => {
             let name = r.string("name")?;
             let mut e = engine(d);
