@@ -41,37 +41,39 @@
 //! spelled out, and the current group as `initial_pg`. Unlike dm, historical-service-time paths
 //! print their `repeat_count` (dm prints 0), so the table reloads as it was.
 //!
-//! Data path: `map` and `end_io` take no lock and allocate nothing. A path error (`PathError`, `Timeout`) fails the path and sends the bio
-//! back to be mapped again (`Endio::Requeue`); any other error is the caller's. With no usable
-//! path, I/O is requeued while queueing is on (`MapResult::Requeue`; a `NOWAIT` bio gets
-//! `Again` instead), else fails with `IoError`. A flushing suspend (`presuspend(false)`) turns
-//! queueing off until `resume`, so the volume can drain.
+//! Data path: `map` and `end_io` take no lock and allocate nothing. A path error (`PathError`,
+//! `Timeout`) fails the path and sends the bio back to be mapped again (`Endio::Requeue`); any
+//! other error is the caller's. With no usable path, I/O is requeued while queueing is on
+//! (`MapResult::Requeue`; a `NOWAIT` bio gets `Again` instead), else fails with `IoError`. A
+//! flushing suspend (`presuspend(false)`) turns queueing off until `resume`, so the volume can
+//! drain.
 //!
 //! State, and who touches it:
 //!
 //! - **Selector load: per reactor.** Each reactor keeps its own counters for every path (I/Os
 //!   and bytes in flight, the historical-service-time estimate) and its own round-robin
 //!   position per group, as plain integers in its per-reactor state (`reactor_state`, see
-//!   [`state`]); `map` and `end_io` update only those. So `queue-length`, `service-time` and
-//!   `historical-service-time` decide on the load *this reactor* put on each path: the I/O
-//!   other reactors have in flight is not seen. That is acceptable, and what dm does in spirit
-//!   with its per-CPU selection: every reactor spreads its own I/O the same way, so with load
-//!   spread over the reactors each path's total load is (up to the imbalance between reactors)
-//!   the sum of like shares; a path that is slow or stalled shows up on every reactor that uses
-//!   it, since each one's own I/O piles up there; and the alternative, counters shared by every
-//!   reactor, costs a contended cache line and a read-modify-write per I/O to improve an
-//!   estimate. Round-robin keeps its exact `repeat_count` rotation per reactor. `status` adds up
-//!   what the reactors publish (in flight: the sum; the estimate: the latest sample).
+//!   [`state`]); `map` and `end_io` update only those (a bio completes on the reactor that
+//!   mapped it). So `queue-length`, `service-time` and `historical-service-time` decide on the
+//!   load *this reactor* put on each path; the I/O other reactors have in flight is not seen.
+//!   That is the per-CPU view a kernel driver would take, with the reactor as the CPU, and it
+//!   is acceptable: each reactor balances its own I/O, so the paths' total load is balanced up
+//!   to the imbalance between the reactors' own loads; a slow or stalled path is seen by every
+//!   reactor that sends it I/O, since that reactor's own I/O piles up there (queue-length
+//!   avoids such a path after one I/O); and the alternative, counters every reactor shares,
+//!   costs a contended cache line and a read-modify-write per I/O for a better estimate.
+//!   Round-robin keeps its exact `repeat_count` rotation per reactor. `status` adds up what the
+//!   reactors publish (I/Os and bytes in flight: the sum; the estimate: the latest sample).
 //! - **Path health: shared, rarely written.** Active/failed flags, fail counts, active counts
 //!   per group and overall, the current group, bypassed groups and the no-path mode are atomics
 //!   in one shared struct. They change only on a path error, a message or a checker verdict, so
-//!   the data path reads them with relaxed loads that hit a cache line no one writes in steady
-//!   state. A reactor may act on a change a moment late (one more I/O down a path just failed,
-//!   which comes back as a path error and is requeued; a requeued bio waiting a few ms more for
-//!   a reinstated path); nothing needs ordering with other memory. Writers (control path,
-//!   checker, and a reactor failing a path) use compare-and-swap on the path's flag, so a
-//!   path's counts change once per transition; control-path changes are serialised by a lock
-//!   that the data path never takes.
+//!   the data path reads them with relaxed loads of cache lines that nobody writes in steady
+//!   state. A reactor may see a change a moment late: one more I/O goes down a path just failed
+//!   (it completes, or comes back with a path error and is mapped again), or a requeued bio
+//!   waits one more requeue delay for a reinstated path. Nothing else is ordered by these
+//!   flags. Writers (the control path, the checker, a reactor failing a path on a path error)
+//!   flip a path's flag with a compare-and-swap, so its counts change once per transition;
+//!   control-path changes are serialised by a lock the data path never takes.
 //!
 //! Path checker: see [`checker`]. `activate` starts it on a service thread
 //! (`mpath-check-<volume>`); paths that are volumes (`queue_mode bio`) are not probed: only
