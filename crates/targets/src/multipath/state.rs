@@ -9,9 +9,9 @@
 //! also publishes its view into a [`Published`] block of its own: written only by that reactor
 //! (relaxed stores of values it already has, no read-modify-write, on cache lines no other
 //! reactor writes), read only by the control path, which adds up the reactors' views. The block
-//! is kept per reactor index across tables going live again on that reactor (a resume after a
-//! `noflush` suspend makes the per-reactor state anew), and a new state starts from what the
-//! reactor last published, so the estimates survive it.
+//! is kept per reactor index for the target's life: if the core makes the state anew (the table
+//! installed on that reactor again), the new state starts from what the reactor last published,
+//! so the estimates survive it.
 
 use super::selector::PathLoad;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
