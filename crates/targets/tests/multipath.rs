@@ -1544,6 +1544,35 @@ fn one_checker_thread_per_live_table_stopped_on_remove() {
     assert_eq!(checker_threads_become("rld", 0), 0);
 }
 
+/// Stopping the checker does not wait for a probe that hangs (a server that does not answer).
+#[test]
+fn deactivate_does_not_wait_for_a_hanging_probe() {
+    let mut r = Rig::new(2);
+    r.create(
+        "hang",
+        "2 checker_interval_ms 1000 0 1 1 round-robin 0 2 1 p0 1 p1 1",
+    );
+    r.ctl[0].probe_hang.store(true, SeqCst);
+    assert_eq!(checker_threads_become("hang", 1), 1);
+    // The first round starts after 1 s; its probe of p0 hangs for the 1 s timeout.
+    std::thread::sleep(Duration::from_millis(1300));
+    let t = r.e.live_table("hang").unwrap().unwrap();
+    let t0 = Instant::now();
+    t.entries()[0].target.deactivate();
+    assert!(
+        t0.elapsed() < Duration::from_millis(300),
+        "stopping waited {:?} for the probe",
+        t0.elapsed()
+    );
+    assert_eq!(checker_threads_become("hang", 0), 0);
+    assert!(
+        r.ctl[0].probes.lock().unwrap().is_empty(),
+        "the probe was still hanging when the checker stopped"
+    );
+    drop(t);
+    r.e.remove("hang", false).unwrap();
+}
+
 #[test]
 fn status_formats_per_selector() {
     let mut r = Rig::new(3);
@@ -1782,6 +1811,83 @@ mod threaded {
             assert_eq!(w[i + 3], "0", "{st}");
         }
         e.remove("thr", true).unwrap();
+        e.stop_threads();
+    }
+
+    /// Each reactor balances its own I/O over the paths (queue-length on its own counts), and
+    /// the status adds up what every reactor has in flight.
+    #[test]
+    fn status_adds_up_the_in_flight_io_of_every_reactor() {
+        let cfg = RuntimeConfig {
+            reactors: 2,
+            mode: Mode::Interrupt,
+            ..RuntimeConfig::default()
+        };
+        let mut e = Engine::with_threads(stackbd_targets::registry(), cfg).unwrap();
+        let data = Arc::new(Mutex::new(vec![0xabu8; SECTORS as usize * SECTOR_SIZE]));
+        let ctl: Vec<Arc<Ctl>> = (0..2).map(|_| Arc::new(Ctl::default())).collect();
+        for (i, c) in ctl.iter().enumerate() {
+            c.hold.store(true, SeqCst);
+            e.add_leaf(
+                &format!("p{i}"),
+                Arc::new(PathLeaf {
+                    data: data.clone(),
+                    ctl: c.clone(),
+                    sectors: SECTORS,
+                }),
+            )
+            .unwrap();
+        }
+        // Bio-based, so no request merges two reads.
+        let vol = e
+            .create(
+                "sum",
+                Some(&format!(
+                    "0 {SECTORS} multipath 4 queue_mode bio {NO_CHECKER} \
+                     0 1 1 queue-length 0 2 1 p0 1 p1 1"
+                )),
+            )
+            .unwrap();
+        let counters: Vec<Arc<Counters>> = (0..2).map(|_| Arc::new(Counters::default())).collect();
+        for (i, c) in counters.iter().enumerate() {
+            let fe = Reader {
+                vol,
+                bufs: (0..QD).map(|_| vec![0u8; 4096]).collect(),
+                busy: vec![false; QD],
+                next: i as u64 + 1,
+                c: c.clone(),
+            };
+            e.threads().unwrap().attach(Box::new(fe), Some(i));
+        }
+        // Both reactors fill their queue depth; every I/O is held on a path.
+        let want = format!("p0 A 0 {} p1 A 0 {}", QD, QD);
+        let start = Instant::now();
+        while !e.status("sum").unwrap().contains(&want) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "status: {}",
+                e.status("sum").unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let held = ctl[0].ios() + ctl[1].ios();
+        assert_eq!(held, 2 * QD as u64);
+        for c in &counters {
+            c.stop.store(true, Relaxed);
+        }
+        for c in &ctl {
+            c.hold.store(false, SeqCst);
+        }
+        let start = Instant::now();
+        while !counters.iter().all(|c| c.finished.load(Relaxed)) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no drain");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let st = e.status("sum").unwrap();
+        assert!(st.trim_end().ends_with("p0 A 0 0 p1 A 0 0"), "{st}");
+        let failed: u64 = counters.iter().map(|c| c.failed.load(Relaxed)).sum();
+        assert_eq!(failed, 0);
+        e.remove("sum", true).unwrap();
         e.stop_threads();
     }
 

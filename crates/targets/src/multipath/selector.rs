@@ -9,13 +9,15 @@
 //! | `service-time` | none | `[repeat_count [relative_throughput]]` | bytes in flight, relative throughput |
 //! | `historical-service-time` | `[base_weight [threshold_multiplier]]` | `[repeat_count]` | service time estimate (fixed point, ns << 10), I/Os in flight, stale-after time (ns) |
 //!
-//! Everything a selector touches on the data path is an atomic (Relaxed: these are estimates,
-//! and a stale read only makes one choice a little worse). Selection scans the group's paths in
-//! place and allocates nothing.
+//! A selector's arguments ([`Selector`], [`PathArgs`]) are the table's and never change. The
+//! load it decides on ([`PathLoad`]: I/Os and bytes in flight, service-time estimates) and the
+//! round-robin position (the group's ticket) are plain integers that the caller owns: the
+//! multipath target keeps one set per reactor, so a reactor decides on the load it put on each
+//! path itself (see the module docs of `multipath`). Selection scans the group's paths in place
+//! and allocates nothing.
 
 use stackbd_core::ArgError;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Fixed point used by the historical-service-time estimates: 10 fractional bits.
 const HST_SHIFT: u32 = 10;
@@ -89,7 +91,7 @@ impl Kind {
     }
 }
 
-/// A group's selector: its kind, its own arguments and its shared counters.
+/// A group's selector: its kind and its own arguments (immutable).
 #[derive(Debug)]
 pub struct Selector {
     pub kind: Kind,
@@ -101,26 +103,56 @@ pub struct Selector {
     /// historical-service-time: `weights[b]` = base^(b + 1), the decay after `b` buckets of
     /// elapsed time; the last bucket forgets everything.
     weights: [u32; HST_BUCKETS],
-    /// I/Os mapped through this group: the round-robin position and the start of every scan,
-    /// so equal choices rotate over the paths.
-    ticket: AtomicU64,
 }
 
-/// One path's selector arguments and counters.
-#[derive(Debug)]
-pub struct PathLoad {
+/// One path's selector arguments (from the table; they never change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathArgs {
     pub repeat_count: u32,
     pub relative_throughput: u32,
+}
+
+/// One path's load as its owner sees it (the multipath target: one reactor). Plain integers:
+/// only the owner's thread touches them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathLoad {
     /// I/Os in flight.
-    pub in_flight: AtomicU64,
+    pub in_flight: u64,
     /// Bytes in flight.
-    pub in_flight_bytes: AtomicU64,
+    pub in_flight_bytes: u64,
     /// historical-service-time estimate, fixed point (ns << 10).
-    hst: AtomicU64,
+    pub hst: u64,
     /// When the last I/O on this path finished (ns on the target's clock).
-    last_finish: AtomicU64,
+    pub last_finish: u64,
     /// When the estimate stops being trusted unless an I/O finishes (ns).
-    stale_after: AtomicU64,
+    pub stale_after: u64,
+}
+
+impl Default for PathLoad {
+    fn default() -> PathLoad {
+        PathLoad {
+            in_flight: 0,
+            in_flight_bytes: 0,
+            hst: HST_ONE,
+            last_finish: 0,
+            stale_after: 0,
+        }
+    }
+}
+
+impl PathLoad {
+    /// Adds another owner's view of the same path, for the status: I/Os and bytes in flight
+    /// add up; the service-time estimate is the one with the latest sample, and the estimate
+    /// is trusted as long as any owner trusts it.
+    pub fn merge(&mut self, o: &PathLoad) {
+        self.in_flight = self.in_flight.wrapping_add(o.in_flight);
+        self.in_flight_bytes = self.in_flight_bytes.wrapping_add(o.in_flight_bytes);
+        if o.last_finish > self.last_finish {
+            self.hst = o.hst;
+            self.last_finish = o.last_finish;
+        }
+        self.stale_after = self.stale_after.max(o.stale_after);
+    }
 }
 
 impl Selector {
@@ -177,12 +209,11 @@ impl Selector {
             base_weight,
             threshold_multiplier,
             weights,
-            ticket: AtomicU64::new(0),
         })
     }
 
     /// Parses one path's selector arguments (at most `max_path_args`, checked by the caller).
-    pub fn path(&self, args: &[&str]) -> Result<PathLoad, ArgError> {
+    pub fn path(&self, args: &[&str]) -> Result<PathArgs, ArgError> {
         let mut repeat_count = 1;
         let mut relative_throughput = 1;
         if let Some(a) = args.first() {
@@ -203,14 +234,9 @@ impl Selector {
                 ));
             }
         }
-        Ok(PathLoad {
+        Ok(PathArgs {
             repeat_count,
             relative_throughput,
-            in_flight: AtomicU64::new(0),
-            in_flight_bytes: AtomicU64::new(0),
-            hst: AtomicU64::new(HST_ONE),
-            last_finish: AtomicU64::new(0),
-            stale_after: AtomicU64::new(0),
         })
     }
 
@@ -225,7 +251,7 @@ impl Selector {
     }
 
     /// A path's words in a table.
-    pub fn path_table_words(&self, p: &PathLoad, out: &mut String) {
+    pub fn path_table_words(&self, p: &PathArgs, out: &mut String) {
         match self.kind {
             Kind::ServiceTime => {
                 let _ = write!(out, "{} {}", p.repeat_count, p.relative_throughput);
@@ -236,54 +262,49 @@ impl Selector {
         }
     }
 
-    /// A path's words in the status (none for round-robin).
-    pub fn path_info_words(&self, p: &PathLoad, out: &mut String) {
+    /// A path's words in the status (none for round-robin), from its load `l`.
+    pub fn path_info_words(&self, p: &PathArgs, l: &PathLoad, out: &mut String) {
         match self.kind {
             Kind::RoundRobin => {}
             Kind::QueueLength => {
-                let _ = write!(out, " {}", p.in_flight.load(Relaxed));
+                let _ = write!(out, " {}", l.in_flight);
             }
             Kind::ServiceTime => {
-                let _ = write!(
-                    out,
-                    " {} {}",
-                    p.in_flight_bytes.load(Relaxed),
-                    p.relative_throughput
-                );
+                let _ = write!(out, " {} {}", l.in_flight_bytes, p.relative_throughput);
             }
             Kind::HistoricalServiceTime => {
-                let _ = write!(
-                    out,
-                    " {} {} {}",
-                    p.hst.load(Relaxed),
-                    p.in_flight.load(Relaxed),
-                    p.stale_after.load(Relaxed)
-                );
+                let _ = write!(out, " {} {} {}", l.hst, l.in_flight, l.stale_after);
             }
         }
     }
 
-    /// Picks a path among `n` (indices into the group), of which `active(i)` are usable.
-    /// `bytes` is the size of the I/O to place, `now` the clock (historical-service-time only).
+    /// Picks a path among the group's `loads.len()` paths, of which `active(i)` are usable;
+    /// `args(i)` are their table arguments. `ticket` counts the I/Os this owner placed in the
+    /// group: the round-robin position and the start of every scan, so equal choices rotate
+    /// over the paths. `bytes` is the size of the I/O to place, `now` the clock
+    /// (historical-service-time only).
     #[inline]
     pub fn select<'a>(
         &self,
-        n: usize,
+        ticket: &mut u64,
+        loads: &[PathLoad],
         active: impl Fn(usize) -> bool,
-        load: impl Fn(usize) -> &'a PathLoad,
+        args: impl Fn(usize) -> &'a PathArgs,
         bytes: u64,
         now: u64,
     ) -> Option<usize> {
+        let n = loads.len();
         if n == 0 {
             return None;
         }
-        let t = self.ticket.fetch_add(1, Relaxed);
+        let t = *ticket;
+        *ticket = t.wrapping_add(1);
         match self.kind {
             Kind::RoundRobin => {
                 // Each active path takes `repeat_count` consecutive tickets of the cycle.
                 let cycle: u64 = (0..n)
                     .filter(|&i| active(i))
-                    .map(|i| load(i).repeat_count as u64)
+                    .map(|i| args(i).repeat_count as u64)
                     .sum();
                 if cycle == 0 {
                     return None;
@@ -293,7 +314,7 @@ impl Selector {
                     if !active(i) {
                         continue;
                     }
-                    let rc = load(i).repeat_count as u64;
+                    let rc = args(i).repeat_count as u64;
                     if pos < rc {
                         return Some(i);
                     }
@@ -309,7 +330,7 @@ impl Selector {
                     if !active(i) {
                         continue;
                     }
-                    let q = load(i).in_flight.load(Relaxed);
+                    let q = loads[i].in_flight;
                     if best.is_none_or(|(_, bq)| q < bq) {
                         best = Some((i, q));
                         if q == 0 {
@@ -326,7 +347,9 @@ impl Selector {
                     if !active(i) {
                         continue;
                     }
-                    if best.is_none_or(|b| st_better(load(i), load(b), bytes)) {
+                    if best.is_none_or(|b| {
+                        st_better((args(i), &loads[i]), (args(b), &loads[b]), bytes)
+                    }) {
                         best = Some(i);
                     }
                 }
@@ -339,7 +362,7 @@ impl Selector {
                     if !active(i) {
                         continue;
                     }
-                    if best.is_none_or(|b| self.hst_order(load(i), load(b), now) < 0) {
+                    if best.is_none_or(|b| self.hst_order(&loads[i], &loads[b], now) < 0) {
                         best = Some(i);
                     }
                 }
@@ -350,37 +373,34 @@ impl Selector {
 
     /// An I/O of `bytes` was sent down path `p`.
     #[inline]
-    pub fn start_io(&self, p: &PathLoad, bytes: u64) {
-        p.in_flight.fetch_add(1, Relaxed);
+    pub fn start_io(&self, p: &mut PathLoad, bytes: u64) {
+        p.in_flight = p.in_flight.wrapping_add(1);
         if self.kind == Kind::ServiceTime {
-            p.in_flight_bytes.fetch_add(bytes, Relaxed);
+            p.in_flight_bytes = p.in_flight_bytes.wrapping_add(bytes);
         }
     }
 
     /// An I/O of `bytes` that started at `start` finished on path `p` at `now`; `valid` is the
     /// number of usable paths in the group (for historical-service-time's staleness).
     #[inline]
-    pub fn end_io(&self, p: &PathLoad, bytes: u64, start: u64, now: u64, valid: u64) {
-        p.in_flight.fetch_sub(1, Relaxed);
+    pub fn end_io(&self, p: &mut PathLoad, bytes: u64, start: u64, now: u64, valid: u64) {
+        p.in_flight = p.in_flight.saturating_sub(1);
         match self.kind {
             Kind::ServiceTime => {
-                p.in_flight_bytes.fetch_sub(bytes, Relaxed);
+                p.in_flight_bytes = p.in_flight_bytes.saturating_sub(bytes);
             }
             Kind::HistoricalServiceTime => {
                 // I/Os that overlapped on the path are counted as if served one after another.
-                let begin = start.max(p.last_finish.load(Relaxed));
-                p.last_finish.store(now, Relaxed);
+                let begin = start.max(p.last_finish);
+                p.last_finish = now;
                 let st = now.saturating_sub(begin);
                 let bucket = ((st >> HST_BUCKET_SHIFT) as usize).min(HST_BUCKETS - 1);
                 let w = self.weights[bucket] as u64;
                 let sample = st.saturating_mul(HST_ONE).min(u64::MAX >> HST_SHIFT);
-                let old = p.hst.load(Relaxed).min(u64::MAX >> HST_SHIFT);
+                let old = p.hst.min(u64::MAX >> HST_SHIFT);
                 let est = ema(old, sample, w);
-                p.hst.store(est, Relaxed);
-                p.stale_after.store(
-                    now.saturating_add(valid.saturating_mul(est >> HST_SHIFT)),
-                    Relaxed,
-                );
+                p.hst = est;
+                p.stale_after = now.saturating_add(valid.saturating_mul(est >> HST_SHIFT));
             }
             _ => {}
         }
@@ -389,16 +409,8 @@ impl Selector {
     /// historical-service-time's comparison: negative if `a` should take the I/O rather than
     /// `b`, positive if `b`, zero if either will do.
     fn hst_order(&self, a: &PathLoad, b: &PathLoad, now: u64) -> i64 {
-        let (mut h1, o1, s1) = (
-            a.hst.load(Relaxed),
-            a.in_flight.load(Relaxed),
-            a.stale_after.load(Relaxed),
-        );
-        let (mut h2, o2, s2) = (
-            b.hst.load(Relaxed),
-            b.in_flight.load(Relaxed),
-            b.stale_after.load(Relaxed),
-        );
+        let (mut h1, o1, s1) = (a.hst, a.in_flight, a.stale_after);
+        let (mut h2, o2, s2) = (b.hst, b.in_flight, b.stale_after);
         let by_load = o1 as i64 - o2 as i64;
         let m = self.threshold_multiplier as u64;
         // Estimates within the threshold factor of each other: the less loaded path wins.
@@ -444,12 +456,9 @@ impl Selector {
 /// service-time: true if `a` should take an I/O of `incoming` bytes rather than `b`: the least
 /// (bytes in flight + incoming) / relative_throughput, compared by cross-multiplying; equal
 /// estimates go to the higher throughput, and a throughput of 0 only when no other path is left.
-fn st_better(a: &PathLoad, b: &PathLoad, incoming: u64) -> bool {
-    let (s1, s2) = (
-        a.in_flight_bytes.load(Relaxed),
-        b.in_flight_bytes.load(Relaxed),
-    );
-    let (t1, t2) = (a.relative_throughput, b.relative_throughput);
+fn st_better(a: (&PathArgs, &PathLoad), b: (&PathArgs, &PathLoad), incoming: u64) -> bool {
+    let (s1, s2) = (a.1.in_flight_bytes, b.1.in_flight_bytes);
+    let (t1, t2) = (a.0.relative_throughput, b.0.relative_throughput);
     if t1 == t2 {
         return s1 < s2;
     }
@@ -489,115 +498,194 @@ fn ema(last: u64, next: u64, w: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
 
     fn sel(kind: Kind, args: &[&str]) -> Selector {
         Selector::new(kind, args).unwrap()
     }
 
-    fn paths(s: &Selector, args: &[&[&str]]) -> Vec<PathLoad> {
-        args.iter().map(|a| s.path(a).unwrap()).collect()
+    /// A group as one owner sees it: arguments, loads, active flags and the ticket.
+    struct G {
+        s: Selector,
+        args: Vec<PathArgs>,
+        p: Vec<PathLoad>,
+        a: Vec<bool>,
+        ticket: u64,
     }
 
-    fn pick(s: &Selector, p: &[PathLoad], active: &[AtomicBool], bytes: u64, now: u64) -> usize {
-        s.select(p.len(), |i| active[i].load(Relaxed), |i| &p[i], bytes, now)
-            .unwrap()
-    }
+    impl G {
+        fn new(s: Selector, args: &[&[&str]]) -> G {
+            let args: Vec<PathArgs> = args.iter().map(|a| s.path(a).unwrap()).collect();
+            let n = args.len();
+            G {
+                s,
+                args,
+                p: vec![PathLoad::default(); n],
+                a: vec![true; n],
+                ticket: 0,
+            }
+        }
 
-    fn all_active(n: usize) -> Vec<AtomicBool> {
-        (0..n).map(|_| AtomicBool::new(true)).collect()
+        fn pick(&mut self, bytes: u64, now: u64) -> usize {
+            let (a, args) = (&self.a, &self.args);
+            self.s
+                .select(
+                    &mut self.ticket,
+                    &self.p,
+                    |i| a[i],
+                    |i| &args[i],
+                    bytes,
+                    now,
+                )
+                .unwrap()
+        }
     }
 
     #[test]
     fn round_robin_honours_repeat_counts_and_skips_failed_paths() {
-        let s = sel(Kind::RoundRobin, &[]);
-        let p = paths(&s, &[&["2"], &["1"], &[]]);
-        let a = all_active(3);
-        let seq: Vec<usize> = (0..8).map(|_| pick(&s, &p, &a, 4096, 0)).collect();
+        let mut g = G::new(sel(Kind::RoundRobin, &[]), &[&["2"], &["1"], &[]]);
+        let seq: Vec<usize> = (0..8).map(|_| g.pick(4096, 0)).collect();
         assert_eq!(seq, [0, 0, 1, 2, 0, 0, 1, 2]);
-        a[0].store(false, Relaxed);
+        g.a[0] = false;
         let mut counts = [0; 3];
         for _ in 0..100 {
-            counts[pick(&s, &p, &a, 4096, 0)] += 1;
+            counts[g.pick(4096, 0)] += 1;
         }
         assert_eq!(counts, [0, 50, 50]);
-        assert!(s.path(&["0"]).is_err());
+        assert!(g.s.path(&["0"]).is_err());
+    }
+
+    #[test]
+    fn each_owner_keeps_its_own_round_robin_position() {
+        let s = sel(Kind::RoundRobin, &[]);
+        let args = [s.path(&[]).unwrap(), s.path(&[]).unwrap()];
+        let p = [PathLoad::default(); 2];
+        let (mut t1, mut t2) = (0u64, 0u64);
+        let pick = |t: &mut u64| s.select(t, &p, |_| true, |i| &args[i], 0, 0).unwrap();
+        // Two owners placing I/O alternately each go round the paths in turn.
+        let seq: Vec<(usize, usize)> = (0..4).map(|_| (pick(&mut t1), pick(&mut t2))).collect();
+        assert_eq!(seq, [(0, 0), (1, 1), (0, 0), (1, 1)]);
     }
 
     #[test]
     fn queue_length_picks_the_shortest_queue_and_rotates_ties() {
-        let s = sel(Kind::QueueLength, &[]);
-        let p = paths(&s, &[&[], &[], &[]]);
-        let a = all_active(3);
-        p[0].in_flight.store(3, Relaxed);
-        p[1].in_flight.store(1, Relaxed);
-        p[2].in_flight.store(2, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 0, 0), 1);
-        a[1].store(false, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 0, 0), 2);
-        for l in &p {
-            l.in_flight.store(0, Relaxed);
+        let mut g = G::new(sel(Kind::QueueLength, &[]), &[&[], &[], &[]]);
+        g.p[0].in_flight = 3;
+        g.p[1].in_flight = 1;
+        g.p[2].in_flight = 2;
+        assert_eq!(g.pick(0, 0), 1);
+        g.a[1] = false;
+        assert_eq!(g.pick(0, 0), 2);
+        for l in &mut g.p {
+            l.in_flight = 0;
         }
-        a[1].store(true, Relaxed);
+        g.a[1] = true;
         let mut seen = [false; 3];
         for _ in 0..3 {
-            seen[pick(&s, &p, &a, 0, 0)] = true;
+            seen[g.pick(0, 0)] = true;
         }
         assert_eq!(seen, [true; 3], "equal queues rotate");
     }
 
     #[test]
-    fn service_time_weighs_bytes_by_throughput() {
+    fn start_and_end_count_what_is_in_flight() {
         let s = sel(Kind::ServiceTime, &[]);
-        let p = paths(&s, &[&["1", "1"], &["1", "4"], &["1", "0"]]);
-        let a = all_active(3);
+        let mut l = PathLoad::default();
+        s.start_io(&mut l, 4096);
+        s.start_io(&mut l, 8192);
+        assert_eq!((l.in_flight, l.in_flight_bytes), (2, 12288));
+        s.end_io(&mut l, 4096, 0, 0, 1);
+        s.end_io(&mut l, 8192, 0, 0, 1);
+        assert_eq!((l.in_flight, l.in_flight_bytes), (0, 0));
+        // An unmatched end (never expected) stays at zero rather than wrapping.
+        s.end_io(&mut l, 4096, 0, 0, 1);
+        assert_eq!((l.in_flight, l.in_flight_bytes), (0, 0));
+    }
+
+    #[test]
+    fn merged_loads_add_in_flight_and_keep_the_latest_estimate() {
+        let mut m = PathLoad::default();
+        let a = PathLoad {
+            in_flight: 2,
+            in_flight_bytes: 8192,
+            hst: 5000,
+            last_finish: 10,
+            stale_after: 100,
+        };
+        let b = PathLoad {
+            in_flight: 1,
+            in_flight_bytes: 4096,
+            hst: 7000,
+            last_finish: 20,
+            stale_after: 50,
+        };
+        m.merge(&a);
+        m.merge(&b);
+        assert_eq!(
+            m,
+            PathLoad {
+                in_flight: 3,
+                in_flight_bytes: 12288,
+                hst: 7000,
+                last_finish: 20,
+                stale_after: 100,
+            }
+        );
+        let mut idle = PathLoad::default();
+        idle.merge(&PathLoad::default());
+        assert_eq!(idle, PathLoad::default(), "no sample: the initial estimate");
+    }
+
+    #[test]
+    fn service_time_weighs_bytes_by_throughput() {
+        let mut g = G::new(
+            sel(Kind::ServiceTime, &[]),
+            &[&["1", "1"], &["1", "4"], &["1", "0"]],
+        );
         // Idle: the highest throughput wins.
-        assert_eq!(pick(&s, &p, &a, 4096, 0), 1);
+        assert_eq!(g.pick(4096, 0), 1);
         // (0 + 4096) * 4 = 16384 < (12288 + 4096) * 1 = 16384? equal: higher throughput wins.
-        p[1].in_flight_bytes.store(12288, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 4096, 0), 1);
-        p[1].in_flight_bytes.store(16384, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 4096, 0), 0);
+        g.p[1].in_flight_bytes = 12288;
+        assert_eq!(g.pick(4096, 0), 1);
+        g.p[1].in_flight_bytes = 16384;
+        assert_eq!(g.pick(4096, 0), 0);
         // Throughput 0 only when nothing else is left, however loaded the others are.
-        p[0].in_flight_bytes.store(1 << 40, Relaxed);
-        assert_ne!(pick(&s, &p, &a, 4096, 0), 2);
-        a[0].store(false, Relaxed);
-        a[1].store(false, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 4096, 0), 2);
-        assert!(s.path(&["1", "101"]).is_err());
+        g.p[0].in_flight_bytes = 1 << 40;
+        assert_ne!(g.pick(4096, 0), 2);
+        g.a[0] = false;
+        g.a[1] = false;
+        assert_eq!(g.pick(4096, 0), 2);
+        assert!(g.s.path(&["1", "101"]).is_err());
     }
 
     #[test]
     fn historical_service_time_prefers_the_faster_path() {
-        let s = sel(Kind::HistoricalServiceTime, &[]);
-        assert_eq!(s.weights[0], HST_DEFAULT_BASE_WEIGHT);
-        assert_eq!(s.weights[HST_BUCKETS - 1], 0);
-        let p = paths(&s, &[&[], &[]]);
-        let a = all_active(2);
+        let mut g = G::new(sel(Kind::HistoricalServiceTime, &[]), &[&[], &[]]);
+        assert_eq!(g.s.weights[0], HST_DEFAULT_BASE_WEIGHT);
+        assert_eq!(g.s.weights[HST_BUCKETS - 1], 0);
         // Path 0 answers in 1 ms, path 1 in 10 ms, many times over.
         let mut last = 0;
         for k in 0..200u64 {
             last = 1_000_000_000 + k * 40_000_000;
             for (i, d) in [(0usize, 1_000_000u64), (1, 10_000_000)] {
-                s.start_io(&p[i], 4096);
-                s.end_io(&p[i], 4096, last, last + d, 2);
+                g.s.start_io(&mut g.p[i], 4096);
+                g.s.end_io(&mut g.p[i], 4096, last, last + d, 2);
             }
         }
         // Soon after the last completions, while neither estimate is stale.
         let now = last + 2_000_000;
-        let h0 = p[0].hst.load(Relaxed) >> HST_SHIFT;
-        let h1 = p[1].hst.load(Relaxed) >> HST_SHIFT;
+        let h0 = g.p[0].hst >> HST_SHIFT;
+        let h1 = g.p[1].hst >> HST_SHIFT;
         assert!(h0 < h1, "estimates {h0} vs {h1}");
         assert!((500_000..2_000_000).contains(&h0), "{h0}");
         // Equal load: the lower estimate wins.
-        p[0].in_flight.store(1, Relaxed);
-        p[1].in_flight.store(1, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 4096, now), 0);
+        g.p[0].in_flight = 1;
+        g.p[1].in_flight = 1;
+        assert_eq!(g.pick(4096, now), 0);
         // Path 0 with 8 in flight: 9 * 1 ms < 2 * 10 ms still favours it.
-        p[0].in_flight.store(8, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 4096, now), 0);
-        p[0].in_flight.store(30, Relaxed);
-        assert_eq!(pick(&s, &p, &a, 4096, now), 1);
+        g.p[0].in_flight = 8;
+        assert_eq!(g.pick(4096, now), 0);
+        g.p[0].in_flight = 30;
+        assert_eq!(g.pick(4096, now), 1);
     }
 
     #[test]
