@@ -95,24 +95,34 @@ impl DataBuf {
         self.ptr.as_ptr()
     }
 
-    /// The window as bytes, to hand to a syscall (a socket `writev`). Valid while the bio is in
-    /// flight, by the `from_raw` contract.
-    pub fn as_bytes(&self) -> &[u8] {
+    /// The window as bytes, to hand to a syscall (a socket `writev`).
+    ///
+    /// # Safety
+    /// A `DataBuf` is a copyable view, so the type cannot stop two views of one range from
+    /// making a `&[u8]` and a `&mut [u8]` at once. The caller must hold the window the way
+    /// [`crate::LeafChannel::submit`] gives it: the bio is submitted to it and not yet
+    /// completed, and while the slice lives nothing writes the range through another view.
+    /// (The copying methods below are safe: they never make a Rust reference to the memory.)
+    pub unsafe fn as_bytes(&self) -> &[u8] {
         if self.len == 0 {
             return &[];
         }
-        // SAFETY: the region is valid for `len` bytes until the bio completes and nobody else
-        // touches it meanwhile (the `from_raw` contract); the borrow ends with `&self`.
+        // SAFETY: the region is valid for `len` bytes until the bio completes (the `from_raw`
+        // contract) and, by this function's contract, not written while the slice lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     /// The window as mutable bytes, to receive into (a socket `read`).
-    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+    ///
+    /// # Safety
+    /// As for [`DataBuf::as_bytes`], and more: while the slice lives nothing else reads or
+    /// writes the range through any view.
+    pub unsafe fn as_bytes_mut(&mut self) -> &mut [u8] {
         if self.len == 0 {
             return &mut [];
         }
-        // SAFETY: as in `as_bytes`; the exclusive borrow of this view is the only live one the
-        // holder makes of the range while it lasts.
+        // SAFETY: valid region (the `from_raw` contract); exclusive while the slice lives (this
+        // function's contract).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
@@ -212,12 +222,15 @@ mod tests {
         let mut mem: Vec<u8> = (0..32).collect();
         // SAFETY: `mem` outlives the views below.
         let buf = unsafe { DataBuf::from_slice(&mut mem) };
-        assert_eq!(buf.slice(4, 4).as_bytes(), &[4, 5, 6, 7]);
-        buf.slice(8, 2)
-            .as_bytes_mut()
-            .copy_from_slice(&[0xaa, 0xbb]);
+        // SAFETY: no other view of `mem` is used while these slices live.
+        unsafe {
+            assert_eq!(buf.slice(4, 4).as_bytes(), &[4, 5, 6, 7]);
+            buf.slice(8, 2)
+                .as_bytes_mut()
+                .copy_from_slice(&[0xaa, 0xbb]);
+            assert!(DataBuf::EMPTY.as_bytes().is_empty());
+        }
         assert_eq!(&mem[7..11], &[7, 0xaa, 0xbb, 10]);
-        assert!(DataBuf::EMPTY.as_bytes().is_empty());
     }
 
     #[test]

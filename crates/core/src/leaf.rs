@@ -48,6 +48,15 @@ pub trait LeafChannel: Send {
     /// Starts a bio. The bio is addressed to this leaf, in range, and its op is supported by
     /// the op checks of the core. Completion must go through `cx.complete`, never inline upward:
     /// the reactor runs it later, so the call stack stays flat.
+    ///
+    /// Ownership of the data (the one place the promise is made): from `submit` until the leaf
+    /// completes the bio, the bytes of `bio.data` are this leaf's alone. The submitter does not
+    /// touch them (the `DataBuf::from_raw` contract), the core never has two bios in flight over
+    /// one range of one buffer (split pieces and request members are disjoint), and a target
+    /// that points child I/O into a parked bio's data holds that bio until the children are
+    /// done. So a leaf may make `&[u8]` (writes) or `&mut [u8]` (reads) of the window with
+    /// `DataBuf::as_bytes`/`as_bytes_mut` for the time it holds the bio, and may hand the
+    /// pointer to the kernel (io_uring) until the completion is reaped.
     fn submit(&mut self, cx: &mut LeafCx<'_>, id: BioId);
 
     /// Reaps finished I/O (for asynchronous leaves). Returns how many completed.

@@ -702,7 +702,9 @@ impl Slot {
 /// Receives into `d[off..]` straight from the socket.
 fn read_into(stream: &mut Stream, d: &DataBuf, off: usize) -> io::Result<usize> {
     assert!(off < d.len());
-    stream.read(d.slice(off, d.len() - off).as_bytes_mut())
+    // SAFETY: `d` is the data of a read this channel holds (submitted, not completed): its bytes
+    // are this leaf's alone until it completes the bio (`LeafChannel::submit`'s contract).
+    stream.read(unsafe { d.slice(off, d.len() - off).as_bytes_mut() })
 }
 
 enum ConnState {
@@ -776,7 +778,9 @@ impl Conn {
                     iov[n] = IoSlice::new(&s.hdr[s.sent..h]);
                     n += 1;
                 }
-                let d = s.wdata.as_bytes();
+                // SAFETY: the data of a write this channel holds (submitted, not completed);
+                // nothing writes it meanwhile (`LeafChannel::submit`'s contract).
+                let d = unsafe { s.wdata.as_bytes() };
                 let off = s.sent.saturating_sub(h);
                 if off < d.len() {
                     iov[n] = IoSlice::new(&d[off..]);
