@@ -9,3 +9,5 @@ if ! cargo +nightly miri --version >/dev/null 2>&1; then
 fi
 cargo +nightly miri test -p stackbd-core -p stackbd-targets --lib
 cargo +nightly miri test -p stackbd-testkit --test split_small
+# Two threads writing and reading overlapping ranges of one mem-leaf region: no data race.
+cargo +nightly miri test -p stackbd-leaves --lib region::tests
