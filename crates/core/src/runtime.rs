@@ -577,7 +577,9 @@ impl ThreadLoop {
             tv_nsec: nap.as_nanos() as i64,
         };
         let wake = waker.raw_fd();
-        let fds = std::iter::once((wake, false))
+        let fds = wake
+            .map(|fd| (fd, false))
+            .into_iter()
             .chain(self.fds.iter().map(|&fd| (fd, false)))
             .chain(self.fe_fds.iter().copied());
         // SAFETY: every fd belongs to this thread's leaves, frontends or wake eventfd, all alive

@@ -17,7 +17,8 @@ use std::time::Duration;
 /// flag saying a doorbell rang.
 #[derive(Debug)]
 pub struct Waker {
-    fd: OwnedFd,
+    /// None under Miri, which has no eventfd (nothing sleeps there: the inline engine spins).
+    fd: Option<OwnedFd>,
     sleeping: AtomicBool,
     /// Some doorbell of this reactor rang since the reactor last looked.
     rung: AtomicBool,
@@ -26,10 +27,13 @@ pub struct Waker {
 impl Waker {
     /// A new waker (one eventfd). Control plane.
     pub fn new() -> std::io::Result<Arc<Waker>> {
-        let fd = rustix::event::eventfd(
+        #[cfg(not(miri))]
+        let fd = Some(rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )?;
+        )?);
+        #[cfg(miri)]
+        let fd = None;
         Ok(Arc::new(Waker {
             fd,
             sleeping: AtomicBool::new(false),
@@ -37,15 +41,15 @@ impl Waker {
         }))
     }
 
-    /// The fd a sleeping reactor polls for readability.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// The fd a sleeping reactor polls for readability (None under Miri).
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|f| f.as_raw_fd())
     }
 
     /// Wakes the reactor if it sleeps. Any thread; never blocks (one eventfd write at most).
     pub fn wake(&self) {
-        if self.sleeping.load(Ordering::SeqCst) {
-            let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+        if let (true, Some(fd)) = (self.sleeping.load(Ordering::SeqCst), &self.fd) {
+            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
         }
     }
 
@@ -57,7 +61,9 @@ impl Waker {
     /// The reactor's thread, after a sleep: empties the eventfd.
     pub(crate) fn drain(&self) {
         let mut buf = [0u8; 8];
-        let _ = rustix::io::read(self.fd.as_fd(), &mut buf);
+        if let Some(fd) = &self.fd {
+            let _ = rustix::io::read(fd.as_fd(), &mut buf);
+        }
     }
 
     /// True (once) if a doorbell rang since the last call. Reactor thread, every round: one

@@ -159,7 +159,7 @@ impl Engine {
         }
         // Doorbells (a target's service thread) wake the sleep too.
         let waker = r.waker().clone();
-        self.wait_fds.push(waker.raw_fd());
+        self.wait_fds.extend(waker.raw_fd());
         waker.set_sleeping(true);
         if waker.is_rung() {
             waker.set_sleeping(false);
