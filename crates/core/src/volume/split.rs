@@ -29,6 +29,7 @@ pub(crate) fn restore(pool: &mut BioPool, id: BioId, ctx: &SplitCtx, vol: DevId)
 /// goes on as the original bio (seed 001). Returns true if the original was remapped and should
 /// keep descending.
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub(crate) fn map_in_table(
     table: &Table,
     vol: DevId,
@@ -39,16 +40,53 @@ pub(crate) fn map_in_table(
     complete_q: &mut VecDeque<BioId>,
     requeue: &mut VecDeque<Requeued>,
     stats: &mut ReactorStats,
-    mut rq: Option<(&mut RequestQueue, &mut Vec<DevId>)>,
+    rq: Option<(&mut RequestQueue, &mut Vec<DevId>)>,
     tx: &mut Tx<'_>,
 ) -> bool {
-    let entries = table.entries();
-    let mut split_off: Option<u32> = None;
+    let mut s = Splitter {
+        table,
+        vol,
+        id,
+        pool,
+        fallback,
+        submit_q,
+        complete_q,
+        requeue,
+        stats,
+        rq,
+        tx,
+        split_off: None,
+    };
+    if s.pool.get(id).op == Op::Flush {
+        s.flush()
+    } else {
+        s.split()
+    }
+}
 
-    // Pushes the split frame once per volume level, then counts one more piece.
-    let mut add_piece = |pool: &mut BioPool, fallback: &mut FrameFallback| -> u32 {
-        let bio = pool.get_mut(id);
-        let off = *split_off.get_or_insert_with(|| {
+/// One bio being mapped through one table: the parts it touches and its split frame, if any.
+struct Splitter<'a, 'b> {
+    table: &'a Table,
+    vol: DevId,
+    id: BioId,
+    pool: &'a mut BioPool,
+    fallback: &'a mut FrameFallback,
+    submit_q: &'a mut VecDeque<BioId>,
+    complete_q: &'a mut VecDeque<BioId>,
+    requeue: &'a mut VecDeque<Requeued>,
+    stats: &'a mut ReactorStats,
+    rq: Option<(&'a mut RequestQueue, &'a mut Vec<DevId>)>,
+    tx: &'a mut Tx<'b>,
+    /// The split frame pushed on the original bio (once per volume level).
+    split_off: Option<u32>,
+}
+
+impl Splitter<'_, '_> {
+    /// Counts one more piece on the original's split frame (pushed the first time).
+    fn add_piece(&mut self) -> u32 {
+        let bio = self.pool.get_mut(self.id);
+        let (vol, fallback) = (self.vol, &mut *self.fallback);
+        let off = *self.split_off.get_or_insert_with(|| {
             let ctx = SplitCtx {
                 sector: bio.sector,
                 copy_src: bio.copy_src,
@@ -62,132 +100,126 @@ pub(crate) fn map_in_table(
         ctx.pending += 1;
         bio.frames.set_ctx_at(off, &ctx);
         off
-    };
+    }
 
-    if pool.get(id).op == Op::Flush {
-        // An empty flush goes once to every distinct device under the table.
-        let plan = table.flush_plan();
-        let Some((&last, rest)) = plan.split_last() else {
-            complete_q.push_back(id);
+    /// Hands bio `b` (target-relative) to target `ti`: onto the request queue of a
+    /// request-based volume, else through `map`. True if it was remapped and goes on down.
+    fn send(&mut self, b: BioId, ti: u16) -> bool {
+        if let Some((q, unplug)) = self.rq.as_mut() {
+            enqueue(q, unplug, self.vol, self.pool, b, ti, self.stats);
+            return false;
+        }
+        let t = &*self.table.entries()[ti as usize].target;
+        let r = map_with(t, ti, b, self.pool, self.fallback, self.tx, None);
+        finish_map(
+            r,
+            b,
+            self.vol,
+            ti,
+            self.pool,
+            self.complete_q,
+            self.requeue,
+            self.stats,
+        )
+    }
+
+    /// Sends a clone down (queued for the next submit step) if `send` remapped it.
+    fn send_clone(&mut self, c: BioId, ti: u16) {
+        if self.send(c, ti) {
+            self.submit_q.push_back(c);
+        }
+    }
+
+    /// An empty flush goes once to every distinct device under the table: clones for all but
+    /// the last, the original for the last.
+    fn flush(&mut self) -> bool {
+        let plan = self.table.flush_plan();
+        let Some((&(last_ti, last_k), rest)) = plan.split_last() else {
+            self.complete_q.push_back(self.id);
             return false;
         };
         for &(ti, k) in rest {
-            let off = add_piece(pool, fallback);
-            let c = pool.alloc(false).expect("clone allocation never fails");
-            let (flags, user_data, root) = {
-                let b = pool.get(id);
-                (b.flags, b.user_data, b.root)
-            };
-            let cb = pool.get_mut(c);
+            let off = self.add_piece();
+            let c = self.clone_of(off, 0, 0, DataBuf::EMPTY);
+            let cb = self.pool.get_mut(c);
             cb.op = Op::Flush;
-            cb.flags = flags;
-            cb.dev = vol;
-            cb.sector = 0;
-            cb.sectors = 0;
-            cb.data = DataBuf::EMPTY;
-            cb.user_data = user_data;
-            cb.root = root;
             cb.map_index = k;
-            cb.parent = Some((id, off));
-            if let Some((q, unplug)) = rq.as_mut() {
-                enqueue(q, unplug, vol, pool, c, ti, stats);
-                continue;
-            }
-            let r = map_with(
-                &*entries[ti as usize].target,
-                ti,
-                c,
-                pool,
-                fallback,
-                tx,
-                None,
-            );
-            if finish_map(r, c, vol, ti, pool, complete_q, requeue, stats) {
-                submit_q.push_back(c);
-            }
+            self.send_clone(c, ti);
         }
-        let (ti, k) = last;
-        let b = pool.get_mut(id);
+        let b = self.pool.get_mut(self.id);
         b.sector = 0;
-        b.map_index = k;
-        if let Some((q, unplug)) = rq {
-            enqueue(q, unplug, vol, pool, id, ti, stats);
-            return false;
-        }
-        let r = map_with(
-            &*entries[ti as usize].target,
-            ti,
-            id,
-            pool,
-            fallback,
-            tx,
-            None,
-        );
-        return finish_map(r, id, vol, ti, pool, complete_q, requeue, stats);
+        b.map_index = last_k;
+        self.send(self.id, last_ti)
     }
 
-    loop {
-        let bio = pool.get_mut(id);
-        let ti = table.find(bio.sector);
-        let e = &entries[ti];
-        let off = bio.sector - e.start;
-        let avail = (e.len - off).min(e.target.max_io_len(off));
-        if bio.sectors as Sector <= avail {
-            bio.sector = off;
-            if let Some((q, unplug)) = rq {
-                enqueue(q, unplug, vol, pool, id, ti as u16, stats);
-                return false;
-            }
-            let r = map_with(&*e.target, ti as u16, id, pool, fallback, tx, None);
-            return finish_map(r, id, vol, ti as u16, pool, complete_q, requeue, stats);
-        }
-        // Cut the leading `n` sectors off as a clone pointing into the parent's data.
-        let n = avail as u32;
-        let frame_off = add_piece(pool, fallback);
-        let c = pool.alloc(false).expect("clone allocation never fails");
-        let bio = pool.get(id);
+    /// A clone of the original (same op, flags, owner), pointing at `data`, for `sectors` at
+    /// `sector` (target-relative), child of the split frame at `off`.
+    fn clone_of(&mut self, off: u32, sector: Sector, sectors: u32, data: DataBuf) -> BioId {
+        let c = self
+            .pool
+            .alloc(false)
+            .expect("clone allocation never fails");
+        let bio = self.pool.get(self.id);
         let (op, flags, user_data, copy_src, root) =
             (bio.op, bio.flags, bio.user_data, bio.copy_src, bio.root);
-        let lead = if op.has_data() {
+        let cb = self.pool.get_mut(c);
+        cb.op = op;
+        cb.flags = flags;
+        cb.dev = self.vol;
+        cb.sector = sector;
+        cb.sectors = sectors;
+        cb.copy_src = copy_src;
+        cb.data = data;
+        cb.user_data = user_data;
+        cb.root = root;
+        cb.parent = Some((self.id, off));
+        c
+    }
+
+    /// Cuts leading pieces off at every boundary until the rest fits one target, which the
+    /// original then goes to.
+    fn split(&mut self) -> bool {
+        let entries = self.table.entries();
+        loop {
+            let bio = self.pool.get_mut(self.id);
+            let ti = self.table.find(bio.sector);
+            let e = &entries[ti];
+            let off = bio.sector - e.start;
+            let avail = (e.len - off).min(e.target.max_io_len(off));
+            if bio.sectors as Sector <= avail {
+                bio.sector = off;
+                return self.send(self.id, ti as u16);
+            }
+            let c = self.cut(avail as u32, off);
+            self.stats.splits += 1;
+            self.send_clone(c, ti as u16);
+        }
+    }
+
+    /// Cuts the leading `n` sectors off the original as a clone pointing into its data (at
+    /// target-relative `off`); the original advances past them.
+    fn cut(&mut self, n: u32, off: Sector) -> BioId {
+        let frame_off = self.add_piece();
+        let bio = self.pool.get(self.id);
+        let has_data = bio.op.has_data();
+        let lead = if has_data {
             bio.data.slice(0, n as usize * SECTOR_SIZE)
         } else {
             DataBuf::EMPTY
         };
-        {
-            let cb = pool.get_mut(c);
-            cb.op = op;
-            cb.flags = flags;
-            cb.dev = vol;
-            cb.sector = off;
-            cb.sectors = n;
-            cb.copy_src = copy_src;
-            cb.data = lead;
-            cb.user_data = user_data;
-            cb.root = root;
-            cb.parent = Some((id, frame_off));
+        let c = self.clone_of(frame_off, off, n, lead);
+        let bio = self.pool.get_mut(self.id);
+        bio.sector += n as Sector;
+        bio.sectors -= n;
+        bio.copy_src += n as Sector;
+        if has_data {
+            let adv = n as usize * SECTOR_SIZE;
+            bio.data = bio.data.slice(adv, bio.data.len() - adv);
+            let mut ctx: SplitCtx = bio.frames.ctx_at(frame_off);
+            ctx.data_advanced += adv as u64;
+            bio.frames.set_ctx_at(frame_off, &ctx);
         }
-        {
-            let bio = pool.get_mut(id);
-            bio.sector += n as Sector;
-            bio.sectors -= n;
-            bio.copy_src += n as Sector;
-            if op.has_data() {
-                let adv = n as usize * SECTOR_SIZE;
-                bio.data = bio.data.slice(adv, bio.data.len() - adv);
-                let mut ctx: SplitCtx = bio.frames.ctx_at(frame_off);
-                ctx.data_advanced += adv as u64;
-                bio.frames.set_ctx_at(frame_off, &ctx);
-            }
-        }
-        stats.splits += 1;
-        if let Some((q, unplug)) = rq.as_mut() {
-            enqueue(q, unplug, vol, pool, c, ti as u16, stats);
-            continue;
-        }
-        let r = map_with(&*e.target, ti as u16, c, pool, fallback, tx, None);
-        if finish_map(r, c, vol, ti as u16, pool, complete_q, requeue, stats) {
-            submit_q.push_back(c);
-        }
+        c
     }
 }
 
