@@ -750,7 +750,9 @@ mod tests {
         ];
         let mut seed = 7u64;
         let mut oks = 0;
-        for n in 0..100_000usize {
+        // Miri runs the same check on fewer cases (it is ~1000x slower).
+        let cases = if cfg!(miri) { 300 } else { 100_000usize };
+        for n in 0..cases {
             let len = n % 14;
             let mut v = vec!["d"];
             for _ in 0..len {
@@ -766,7 +768,7 @@ mod tests {
                 oks += 1;
             }
         }
-        assert!(oks > 100, "{oks}");
+        assert!(oks > cases / 1000, "{oks}");
     }
 
     #[test]
