@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 mod bounds;
 mod io;
+mod release;
 
 pub use bounds::{MAX_DRAIN_TIMEOUT, MAX_SUSPEND_DEADLINE};
 
