@@ -2,16 +2,17 @@
 //! table larger than 2^63 bytes, are refused with a clear error, and the engine (the volume,
 //! its I/O, later suspends and their deadlines) works as before.
 
-use stackbd_core::{
-    Engine, EngineError, ReactorConfig, Status, SuspendOpts, MAX_SUSPEND_DEADLINE,
-};
+use stackbd_core::{Engine, EngineError, ReactorConfig, Status, SuspendOpts, MAX_SUSPEND_DEADLINE};
 use std::sync::Arc;
 use std::time::Duration;
 
 fn engine() -> Engine {
     let mut e = Engine::new(stackbd_targets::registry(), ReactorConfig::default());
-    e.add_leaf("m0", Arc::new(stackbd_leaves::MemLeaf::new(1 << 20).unwrap()))
-        .unwrap();
+    e.add_leaf(
+        "m0",
+        Arc::new(stackbd_leaves::MemLeaf::new(1 << 20).unwrap()),
+    )
+    .unwrap();
     e.create("v", Some("0 2048 linear m0 0")).unwrap();
     e
 }
