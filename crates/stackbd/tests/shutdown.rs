@@ -94,6 +94,10 @@ fn sigterm_resumes_a_suspended_volume_holding_a_write() {
     writer.wait(Duration::from_secs(30));
     // Acknowledged (qemu-io says it wrote) or failed cleanly: either way nothing half-done.
     let acked = writer.output().contains("wrote 1048576/1048576 bytes");
+    eprintln!(
+        "held write acknowledged: {acked}; qemu-io said:\n{}",
+        writer.output()
+    );
     drop(d);
 
     let d = Daemon::start(Opts {
