@@ -22,7 +22,10 @@ pub mod volume;
 
 pub use bio::{Bio, BioFlags, BioId, Op};
 pub use buf::DataBuf;
-pub use engine::{CopyReport, Engine, EngineError, SuspendOpts, VolumeHandle, VolumeInfo, Wait};
+pub use engine::{
+    CopyReport, Engine, EngineError, SuspendOpts, VolumeHandle, VolumeInfo, Wait,
+    MAX_DRAIN_TIMEOUT, MAX_SUSPEND_DEADLINE,
+};
 pub use leaf::{Leaf, LeafChannel, LeafCx};
 pub use limits::Limits;
 pub use reactor::{Completion, Reactor, ReactorConfig, Request};

@@ -281,10 +281,16 @@ impl ReactorThreads {
             t.send(Msg::Drain(dev, tx.clone()));
         }
         drop(tx);
-        let deadline = Instant::now() + timeout;
+        // A timeout too long for an `Instant` waits without one.
+        let deadline = Instant::now().checked_add(timeout);
         for _ in 0..self.threads.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if rx.recv_timeout(left).is_err() {
+            let got = match deadline {
+                Some(d) => rx
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                    .is_ok(),
+                None => rx.recv().is_ok(),
+            };
+            if !got {
                 return false;
             }
         }

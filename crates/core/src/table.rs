@@ -39,6 +39,10 @@ fn parse_sector(line: usize, field: &str, s: &str) -> Result<Sector, TableError>
     crate::target::parse_num::<Sector>(field, s).map_err(|e| TableError::new(line, field, e.reason))
 }
 
+/// The largest volume, in sectors: its size in bytes stays below 2^63, so it fits the signed
+/// 64-bit sizes of NBD clients, `off_t` and every byte offset computed from it.
+pub const MAX_VOLUME_SECTORS: Sector = (i64::MAX as u64) / crate::SECTOR_SIZE as u64;
+
 /// Splits table text into lines and checks the layout (numbers, contiguity, no gaps or overlaps,
 /// no zero lengths). `#` starts a comment; blank lines are ignored; `;` also ends a line, as some
 /// tools join tables with it.
@@ -73,7 +77,18 @@ pub fn parse_lines(text: &str) -> Result<Vec<TableLine>, TableError> {
             }
             next = start
                 .checked_add(len)
-                .ok_or_else(|| TableError::new(lineno, "length", "end overflows"))?;
+                .filter(|&end| end <= MAX_VOLUME_SECTORS)
+                .ok_or_else(|| {
+                    TableError::new(
+                        lineno,
+                        "length",
+                        format!(
+                            "volume size {} sectors exceeds 2^63 bytes: a volume is at most \
+                             {MAX_VOLUME_SECTORS} sectors (2^63 - 512 bytes)",
+                            start as u128 + len as u128
+                        ),
+                    )
+                })?;
             lines.push(TableLine {
                 lineno,
                 start,
@@ -354,11 +369,27 @@ mod tests {
             ),
             (
                 "0 18446744073709551615 zero\n18446744073709551615 1 zero",
+                1,
+                "length",
+                "exceeds 2^63 bytes",
+            ),
+            // The sum of two lines, each in range, past the cap (and past 2^64).
+            (
+                "0 18014398509481983 zero\n18014398509481983 1 zero",
                 2,
                 "length",
-                "overflow",
+                "volume size 18014398509481984 sectors exceeds 2^63 bytes",
+            ),
+            (
+                "0 9223372036854775807 zero\n9223372036854775807 18446744073709551615 zero",
+                1,
+                "length",
+                "exceeds 2^63 bytes",
             ),
         ];
+        // The largest volume there is: 2^63 - 512 bytes.
+        let max = format!("0 {MAX_VOLUME_SECTORS} zero");
+        assert_eq!(parse_lines(&max).unwrap()[0].len, (1 << 54) - 1);
         for (text, line, field, reason) in cases {
             let e = parse_lines(text).unwrap_err();
             assert_eq!(e.line, line, "{text}: {e}");

@@ -13,7 +13,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod bounds;
 mod io;
+mod release;
+
+pub use bounds::{MAX_DRAIN_TIMEOUT, MAX_SUSPEND_DEADLINE};
 
 /// What a copy did, by path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -532,8 +536,21 @@ impl Engine {
     }
 
     /// Suspends: new I/O is held (not failed), in-flight I/O drains.
+    /// A deadline or drain timeout out of range (see [`SuspendOpts::check`]) is refused before
+    /// anything changes.
     pub fn suspend(&mut self, name: &str, opts: SuspendOpts) -> Result<(), EngineError> {
         let (id, v) = self.volume(name)?;
+        opts.check(name)?;
+        // Fits now; so it fits when the drain is done (or the earlier instant stands).
+        let fits = match opts.deadline {
+            Some(d) => Some(bounds::instant_after(
+                name,
+                "suspend deadline",
+                Instant::now(),
+                d,
+            )?),
+            None => None,
+        };
         if v.suspended.is_some() {
             return Ok(());
         }
@@ -570,7 +587,11 @@ impl Engine {
                 ),
             ));
         }
-        self.volume_mut(id).suspended = Some(opts.deadline.map(|d| Instant::now() + d));
+        let until = opts
+            .deadline
+            .and_then(|d| Instant::now().checked_add(d))
+            .or(fits);
+        self.volume_mut(id).suspended = Some(until);
         self.suspended_count += 1;
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod nbd;
+pub mod shutdown;
 pub mod state;
 
 use crate::config;
@@ -63,6 +64,10 @@ pub struct ServeArgs {
     /// Reactor threads (default: one per core).
     #[arg(long)]
     pub reactors: Option<usize>,
+    /// On SIGTERM/SIGINT, how long connections may take to finish their I/O (seconds) before
+    /// they are abandoned and the exit status is 1; a second signal forces the exit at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_timeout: u64,
 }
 
 /// Where the CLI and the daemon meet by default: `$STACKBD_CONTROL`, else
@@ -156,7 +161,10 @@ impl Daemon {
     ) -> u64 {
         let progress = Arc::new(CopyProgress::default());
         let job = CopyJob::new(dev, src, dst, len, opts, 0);
-        let mut jobs = self.copies.lock().unwrap();
+        let mut jobs = self
+            .copies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let id = jobs.keys().next_back().map_or(1, |k| k + 1);
         jobs.insert(id, (progress.clone(), Instant::now()));
         self.attacher
@@ -165,7 +173,11 @@ impl Daemon {
     }
 
     pub fn copy_job(&self, id: u64) -> Option<(Arc<CopyProgress>, Instant)> {
-        self.copies.lock().unwrap().get(&id).cloned()
+        self.copies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned()
     }
 
     /// Re-reads export sizes after a table change.
@@ -263,12 +275,9 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("export '{}': {e}", x.name))?;
     }
     daemon.save(&engine);
-    *daemon.engine.lock().unwrap() = engine;
+    *lock_engine(&daemon) = engine;
 
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, daemon.stop.clone())
-            .map_err(|e| format!("signal handler: {e}"))?;
-    }
+    let signals = shutdown::install_signals(&daemon.stop)?;
 
     let mut acceptors = Vec::new();
     let mut where_ = Vec::new();
@@ -324,22 +333,31 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     while !daemon.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         // Suspend deadlines are the control plane's to enforce.
-        daemon.engine.lock().unwrap().poll();
+        lock_engine(&daemon).poll();
     }
 
-    // Clean stop: no new connections, in-flight I/O drains, data is flushed, state is written.
+    // Clean stop: no new connections, held I/O goes on, in-flight I/O drains (within a
+    // bound), data is flushed, state is written.
     eprintln!("stackbd: stopping: draining connections");
+    let drain_bound = Duration::from_secs(args.shutdown_timeout);
+    let watchdog = shutdown::Watchdog::start(&daemon, signals, drain_bound + shutdown::REST_BOUND);
     for a in acceptors {
         let _ = a.join();
     }
+    let mut engine = lock_engine(&daemon);
+    // Nothing could resume a suspended volume once the control socket is gone: its held I/O
+    // would keep its connections (and this shutdown) waiting forever.
+    shutdown::release_suspended(&mut engine);
     daemon.closing.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    let mut engine = daemon.engine.lock().unwrap();
-    while engine.threads().map_or(0, |t| t.frontends()) > 0
-        && start.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(10));
+    let abandoned = shutdown::drain(&watchdog, &engine, drain_bound);
+    if abandoned > 0 {
+        eprintln!(
+            "stackbd: stopping: {abandoned} connection(s) still have I/O in flight after {} s; \
+             abandoning them (that I/O is lost, never acknowledged)",
+            drain_bound.as_secs()
+        );
     }
+    watchdog.enter(shutdown::Phase::Flushing);
     let mut sync_errors = 0;
     for (name, is_volume) in engine.ls() {
         if !is_volume {
@@ -351,19 +369,42 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             }
         }
     }
+    watchdog.enter(shutdown::Phase::Saving);
     daemon.save(&engine);
-    engine.stop_threads();
-    drop(engine);
     let _ = std::fs::remove_file(&control_path);
     if let Some(p) = &args.socket {
         let _ = std::fs::remove_file(p);
     }
+    if abandoned > 0 {
+        // The reactors cannot stop while a connection waits on its I/O: leave them.
+        eprintln!(
+            "stackbd: stopped, abandoning {abandoned} connection(s) with I/O in flight{}",
+            if sync_errors > 0 {
+                format!("; {sync_errors} leaves could not be flushed")
+            } else {
+                String::new()
+            }
+        );
+        std::process::exit(1);
+    }
+    watchdog.enter(shutdown::Phase::StoppingReactors);
+    engine.stop_threads();
+    drop(engine);
     drop(control);
     eprintln!("stackbd: stopped");
     if sync_errors > 0 {
         return Err(format!("{sync_errors} leaves could not be flushed"));
     }
     Ok(())
+}
+
+/// The engine, also after a panic elsewhere poisoned its lock: every engine call that can
+/// fail on input returns an error before it changes anything (checked arithmetic, bounded
+/// durations), so a poisoned lock still guards a consistent engine.
+fn lock_engine(d: &Daemon) -> std::sync::MutexGuard<'_, Engine> {
+    d.engine
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum Listener {

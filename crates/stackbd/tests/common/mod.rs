@@ -294,6 +294,8 @@ pub struct Opts {
     pub mode: Option<String>,
     /// Working directory (for relative `--config` / `--state-dir` paths).
     pub cwd: Option<PathBuf>,
+    /// More arguments for `serve`.
+    pub args: Vec<String>,
 }
 
 /// A running `stackbd serve`, killed (SIGKILL) and reaped on drop unless it already exited.
@@ -369,6 +371,7 @@ impl Daemon {
         if let Some(m) = &opts.mode {
             c.arg("--mode").arg(m);
         }
+        c.args(&opts.args);
         if let Some(d) = &opts.cwd {
             c.current_dir(d);
         }
