@@ -109,16 +109,18 @@ pub fn spawn(d: Arc<Daemon>, path: &Path, limits: ControlLimits) -> Result<Contr
             path.display()
         ));
     }
-    let l = super::trust::bind_unix(path, 0o600, None)
-        .map_err(|e| format!("control socket: {e}"))?;
+    let l =
+        super::trust::bind_unix(path, 0o600, None).map_err(|e| format!("control socket: {e}"))?;
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
     let conns = Conns::default();
+    // Times the cap was hit, so a flood logs one line per power of two, not one per connection.
+    let mut hits = 0u64;
     let join = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             while !d.stop.load(Ordering::Relaxed) {
                 match l.accept() {
-                    Ok((s, _)) => accept(&d, s, &conns, limits),
+                    Ok((s, _)) => accept(&d, s, &conns, limits, &mut hits),
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
@@ -136,11 +138,14 @@ fn refuse(s: &UnixStream, why: String) {
 }
 
 /// Checks a new connection (who it is, whether there is room) and gives it a thread.
-fn accept(d: &Arc<Daemon>, s: UnixStream, conns: &Conns, limits: ControlLimits) {
+fn accept(d: &Arc<Daemon>, s: UnixStream, conns: &Conns, limits: ControlLimits, hits: &mut u64) {
     match super::trust::peer_uid(&s) {
         Ok(uid) if super::trust::trusted_uid(uid) => {}
         Ok(uid) => {
-            tracing::warn!(uid, "control connection refused: not the daemon's user or root");
+            tracing::warn!(
+                uid,
+                "control connection refused: not the daemon's user or root"
+            );
             eprintln!("stackbd: control connection from uid {uid} refused");
             return refuse(
                 &s,
@@ -155,30 +160,33 @@ fn accept(d: &Arc<Daemon>, s: UnixStream, conns: &Conns, limits: ControlLimits) 
     }
     let slot = match conns.admit(&s, limits.max_conns) {
         (Admit::Yes(slot), evicted) => {
-            if let Some(idle) = evicted {
+            if let Some(idle) = evicted.filter(|_| log_hit(hits)) {
                 tracing::warn!(
                     max = limits.max_conns,
                     "control connection cap reached; closed the longest-idle connection"
                 );
                 eprintln!(
                     "stackbd: control connection cap ({}) reached: closed the connection idle \
-                     longest ({:.1} s)",
+                     longest ({:.1} s; {} times so far)",
                     limits.max_conns,
-                    idle.as_secs_f64()
+                    idle.as_secs_f64(),
+                    hits
                 );
             }
             slot
         }
         (Admit::Full, _) => {
-            tracing::warn!(
-                max = limits.max_conns,
-                "control connection cap reached; all busy, refused"
-            );
-            eprintln!(
-                "stackbd: control connection cap ({}) reached with every connection busy: \
-                 refused one",
-                limits.max_conns
-            );
+            if log_hit(hits) {
+                tracing::warn!(
+                    max = limits.max_conns,
+                    "control connection cap reached; all busy, refused"
+                );
+                eprintln!(
+                    "stackbd: control connection cap ({}) reached with every connection busy: \
+                     refused one ({} times so far)",
+                    limits.max_conns, hits
+                );
+            }
             return refuse(
                 &s,
                 format!(
@@ -195,6 +203,13 @@ fn accept(d: &Arc<Daemon>, s: UnixStream, conns: &Conns, limits: ControlLimits) 
     let _ = std::thread::Builder::new()
         .name("control-client".into())
         .spawn(move || client(&d, s, &slot, limits.idle_timeout));
+}
+
+/// Counts one more time the cap was hit; true if this one is worth a log line (the 1st, 2nd,
+/// 4th, 8th, ...).
+fn log_hit(hits: &mut u64) -> bool {
+    *hits += 1;
+    hits.is_power_of_two()
 }
 
 /// Serves one control connection until it closes, goes idle for `idle` or is evicted.
@@ -1135,10 +1150,17 @@ impl Client {
     fn exchange(&mut self, line: &str) -> std::io::Result<(String, Value)> {
         let mut buf = line.as_bytes().to_vec();
         buf.push(b'\n');
-        self.w.write_all(&buf)?;
-        self.w.flush()?;
+        let sent = self.w.write_all(&buf).and_then(|()| self.w.flush());
         let mut reply = String::new();
-        if self.r.read_line(&mut reply)? == 0 {
+        // A daemon that refuses a connection (another user, too many connections) says why in
+        // one line and closes at once, perhaps before the request is written: read that line.
+        let got = self.r.read_line(&mut reply);
+        if let Err(e) = sent {
+            if reply.trim().is_empty() {
+                return Err(e);
+            }
+        }
+        if got? == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the daemon closed the connection without replying",

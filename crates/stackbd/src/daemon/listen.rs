@@ -154,7 +154,11 @@ pub fn accept_loop(d: &Daemon, l: Listener, net: &NetArgs, count: &Arc<AtomicUsi
         if count.fetch_add(1, Ordering::AcqRel) >= max {
             count.fetch_sub(1, Ordering::AcqRel);
             refused += 1;
-            tracing::warn!(max, refused, "NBD connection cap reached; connection closed");
+            tracing::warn!(
+                max,
+                refused,
+                "NBD connection cap reached; connection closed"
+            );
             // One line per power of two refused, so a flood does not flood the log.
             if refused.is_power_of_two() {
                 eprintln!(
