@@ -133,9 +133,7 @@ pub fn prepare_dir(path: &Path) -> Result<(), String> {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        // The umask may have taken bits away, never added any; make it exactly 0700.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot make {} private (0700): {e}", dir.display()))?;
+        // (A umask only takes bits away: the directory is 0700 or tighter.)
     }
     check_dir(&dir)
 }
