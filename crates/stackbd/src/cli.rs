@@ -394,12 +394,8 @@ fn execute(v: &Verb, conn: &Conn) -> Result<String, Fail> {
         .control
         .clone()
         .unwrap_or_else(stackbd::daemon::default_control_path);
-    let mut client = Client::connect(&path).map_err(|e| {
-        format!(
-            "cannot reach the daemon at {}: {e} — is `stackbd serve` running?",
-            path.display()
-        )
-    })?;
+    // Checks the socket's directory, the socket and the daemon's credentials first.
+    let mut client = Client::connect_trusted(&path)?;
     let (line, reply) = client
         .call_raw(cmd, args.clone())
         .map_err(|e| format!("lost the daemon at {}: {e}", path.display()))?;

@@ -137,12 +137,7 @@ fn run_daemon(args: &CopyArgs) -> Result<CopySummary, String> {
         .control
         .clone()
         .unwrap_or_else(stackbd::daemon::default_control_path);
-    let mut c = Client::connect(&path).map_err(|e| {
-        format!(
-            "cannot reach the daemon at {}: {e} — is `stackbd serve` running?",
-            path.display()
-        )
-    })?;
+    let mut c = Client::connect_trusted(&path)?;
     let mut call = |cmd: &str, a: Value| -> Result<Value, String> {
         let r = c.call(cmd, a).map_err(|e| format!("control socket: {e}"))?;
         if r.get("ok") == Some(&Value::Bool(true)) {

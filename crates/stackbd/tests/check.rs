@@ -285,7 +285,7 @@ fn zero_length_is_refused() {
 fn unknown_target_type_is_refused() {
     check(&volume("0 1024 linaer m0 0")).refused(&[
         "{path}:9: [volume.v]: table line 1: target: unknown target type 'linaer' (known: \
-         error, linear, multipath, striped, zero)",
+         delay, dust, error, flakey, linear, multipath, striped, zero)",
     ]);
 }
 

@@ -1,6 +1,11 @@
 //! The control socket: one JSON object per line each way, versioned (`"v": 1`). Requests name a
 //! command and its arguments; replies are `{"v":1,"ok":true,...}` or
-//! `{"v":1,"ok":false,"error":"what, where and why"}`. The socket is created 0600.
+//! `{"v":1,"ok":false,"error":"what, where and why"}`. The socket is created 0600 in a directory
+//! that only its user (or root) can write (see [`super::trust`]); a client whose credentials
+//! (`SO_PEERCRED`) are not the daemon's user or root gets one error line and is closed. At most
+//! [`ControlLimits::max_conns`] connections are open at once (the longest-idle one is closed to
+//! make room; a new one is refused only when all are busy), and one idle for
+//! [`ControlLimits::idle_timeout`] is closed.
 //!
 //! ```text
 //! -> {"v":1,"cmd":"create","name":"data","table":"0 2048 linear m0 0"}
@@ -24,14 +29,17 @@ use stackbd_core::{Engine, SuspendOpts, SECTOR_SIZE};
 use stackbd_leaves::registry::{self, Kind, ParamError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+mod conns;
 mod leaf_message;
+
+pub use conns::ControlLimits;
+use conns::{Admit, Conns, Slot};
 
 pub const VERSION: u64 = 1;
 
@@ -93,36 +101,26 @@ impl Drop for ControlServer {
     }
 }
 
-pub fn spawn(d: Arc<Daemon>, path: &Path) -> Result<ControlServer, String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
+pub fn spawn(d: Arc<Daemon>, path: &Path, limits: ControlLimits) -> Result<ControlServer, String> {
+    super::trust::prepare_dir(path)?;
     if super::control_alive(path) {
         return Err(format!(
             "another daemon answers on control socket {}",
             path.display()
         ));
     }
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)
-        .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot make {} private (0600): {e}", path.display()))?;
+    let l =
+        super::trust::bind_unix(path, 0o600, None).map_err(|e| format!("control socket: {e}"))?;
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let conns = Conns::default();
+    // Times the cap was hit, so a flood logs one line per power of two, not one per connection.
+    let mut hits = 0u64;
     let join = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             while !d.stop.load(Ordering::Relaxed) {
                 match l.accept() {
-                    Ok((s, _)) => {
-                        let d = d.clone();
-                        // One thread per control client: the control path may block (suspend,
-                        // wait); the data path never goes through here.
-                        let _ = std::thread::Builder::new()
-                            .name("control-client".into())
-                            .spawn(move || client(&d, s));
-                    }
+                    Ok((s, _)) => accept(&d, s, &conns, limits, &mut hits),
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
@@ -131,9 +129,95 @@ pub fn spawn(d: Arc<Daemon>, path: &Path) -> Result<ControlServer, String> {
     Ok(ControlServer { join: Some(join) })
 }
 
-/// Serves one control connection until it closes.
-fn client(d: &Daemon, s: UnixStream) {
+/// Sends one error line to a connection that is refused, and closes it.
+fn refuse(s: &UnixStream, why: String) {
+    let _ = s.set_nonblocking(true);
+    let mut w: &UnixStream = s;
+    let _ = writeln!(w, "{}", reply_line(Err(why)));
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// Checks a new connection (who it is, whether there is room) and gives it a thread.
+fn accept(d: &Arc<Daemon>, s: UnixStream, conns: &Conns, limits: ControlLimits, hits: &mut u64) {
+    match super::trust::peer_uid(&s) {
+        Ok(uid) if super::trust::trusted_uid(uid) => {}
+        Ok(uid) => {
+            tracing::warn!(
+                uid,
+                "control connection refused: not the daemon's user or root"
+            );
+            eprintln!("stackbd: control connection from uid {uid} refused");
+            return refuse(
+                &s,
+                format!(
+                    "permission denied: this daemon runs as uid {} and takes requests only \
+                     from that user or root, not from uid {uid}",
+                    super::trust::my_uid()
+                ),
+            );
+        }
+        Err(e) => return refuse(&s, format!("cannot check who is connecting: {e}")),
+    }
+    let slot = match conns.admit(&s, limits.max_conns) {
+        (Admit::Yes(slot), evicted) => {
+            if let Some(idle) = evicted.filter(|_| log_hit(hits)) {
+                tracing::warn!(
+                    max = limits.max_conns,
+                    "control connection cap reached; closed the longest-idle connection"
+                );
+                eprintln!(
+                    "stackbd: control connection cap ({}) reached: closed the connection idle \
+                     longest ({:.1} s; {} times so far)",
+                    limits.max_conns,
+                    idle.as_secs_f64(),
+                    hits
+                );
+            }
+            slot
+        }
+        (Admit::Full, _) => {
+            if log_hit(hits) {
+                tracing::warn!(
+                    max = limits.max_conns,
+                    "control connection cap reached; all busy, refused"
+                );
+                eprintln!(
+                    "stackbd: control connection cap ({}) reached with every connection busy: \
+                     refused one ({} times so far)",
+                    limits.max_conns, hits
+                );
+            }
+            return refuse(
+                &s,
+                format!(
+                    "too many control connections: all {} are busy with requests; try again \
+                     later",
+                    limits.max_conns
+                ),
+            );
+        }
+    };
+    let d = d.clone();
+    // One thread per control client (at most `max_conns`): the control path may block
+    // (suspend, wait); the data path never goes through here.
+    let _ = std::thread::Builder::new()
+        .name("control-client".into())
+        .spawn(move || client(&d, s, &slot, limits.idle_timeout));
+}
+
+/// Counts one more time the cap was hit; true if this one is worth a log line (the 1st, 2nd,
+/// 4th, 8th, ...).
+fn log_hit(hits: &mut u64) -> bool {
+    *hits += 1;
+    hits.is_power_of_two()
+}
+
+/// Serves one control connection until it closes, goes idle for `idle` or is evicted.
+fn client(d: &Daemon, s: UnixStream, slot: &Slot, idle: Duration) {
     let _ = s.set_nonblocking(false);
+    // An idle client is dropped; so is one that stops reading its replies.
+    let _ = s.set_read_timeout(Some(idle));
+    let _ = s.set_write_timeout(Some(idle));
     let (Ok(w), Ok(probe)) = (s.try_clone(), s.try_clone()) else {
         return;
     };
@@ -142,12 +226,17 @@ fn client(d: &Daemon, s: UnixStream) {
     let mut line = Vec::new();
     loop {
         line.clear();
+        slot.idle();
         match (&mut r)
             .take(MAX_REQUEST_BYTES as u64 + 1)
             .read_until(b'\n', &mut line)
         {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+        if !slot.busy() {
+            // Evicted while the request arrived: its socket is shut; do not run it.
+            return;
         }
         if line.len() > MAX_REQUEST_BYTES && line.last() != Some(&b'\n') {
             let out = reply_line(Err(format!(
@@ -1020,7 +1109,17 @@ pub struct Client {
 
 impl Client {
     pub fn connect(path: &Path) -> std::io::Result<Client> {
-        let s = UnixStream::connect(path)?;
+        Client::from_stream(UnixStream::connect(path)?)
+    }
+
+    /// Connects after checking the socket's directory, the socket and the daemon's credentials
+    /// ([`super::trust::connect_trusted`]); every refusal says why.
+    pub fn connect_trusted(path: &Path) -> Result<Client, String> {
+        let s = super::trust::connect_trusted(path)?;
+        Client::from_stream(s).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_stream(s: UnixStream) -> std::io::Result<Client> {
         Ok(Client {
             w: s.try_clone()?,
             r: BufReader::new(s),
@@ -1051,10 +1150,17 @@ impl Client {
     fn exchange(&mut self, line: &str) -> std::io::Result<(String, Value)> {
         let mut buf = line.as_bytes().to_vec();
         buf.push(b'\n');
-        self.w.write_all(&buf)?;
-        self.w.flush()?;
+        let sent = self.w.write_all(&buf).and_then(|()| self.w.flush());
         let mut reply = String::new();
-        if self.r.read_line(&mut reply)? == 0 {
+        // A daemon that refuses a connection (another user, too many connections) says why in
+        // one line and closes at once, perhaps before the request is written: read that line.
+        let got = self.r.read_line(&mut reply);
+        if let Err(e) = sent {
+            if reply.trim().is_empty() {
+                return Err(e);
+            }
+        }
+        if got? == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the daemon closed the connection without replying",

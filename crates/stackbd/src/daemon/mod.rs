@@ -4,19 +4,19 @@
 //! on every change, in the config file's own format, and read back on restart.
 
 pub mod control;
+pub mod listen;
 pub mod nbd;
 pub mod shutdown;
 pub mod state;
+pub mod trust;
 
 use crate::config;
-use nbd::{ExportEntry, ExportTable, NbdFrontend, Sock};
+use listen::{accept_loop, Listener};
+use nbd::{ExportEntry, ExportTable};
 use stackbd_core::copy::{CopyFrontend, CopyJob, CopyOpts, CopyProgress};
 use stackbd_core::runtime::{Attacher, Mode, RuntimeConfig};
 use stackbd_core::{Engine, ReactorConfig, SECTOR_SIZE};
 use stackbd_leaves::registry::LeafParams;
-use std::net::TcpListener;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +68,8 @@ pub struct ServeArgs {
     /// they are abandoned and the exit status is 1; a second signal forces the exit at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_timeout: u64,
+    #[command(flatten)]
+    pub net: listen::NetArgs,
 }
 
 /// Where the CLI and the daemon meet by default: `$STACKBD_CONTROL`, else
@@ -281,36 +283,34 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
 
     let mut acceptors = Vec::new();
     let mut where_ = Vec::new();
+    let nbd_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if args.listen != "none" {
-        let l = TcpListener::bind(&args.listen)
-            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let l = listen::bind_tcp(&args.listen, args.net.insecure)?;
         where_.push(format!(
             "nbd://{}",
             l.local_addr().map_err(|e| e.to_string())?
         ));
-        let d = daemon.clone();
+        let (d, net, n) = (daemon.clone(), args.net.clone(), nbd_conns.clone());
         acceptors.push(
             std::thread::Builder::new()
                 .name("nbd-tcp".into())
-                .spawn(move || accept_loop(&d, Listener::Tcp(l)))
+                .spawn(move || accept_loop(&d, Listener::Tcp(l), &net, &n))
                 .map_err(|e| e.to_string())?,
         );
     }
     if let Some(p) = &args.socket {
-        let _ = std::fs::remove_file(p);
-        let l =
-            UnixListener::bind(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
+        let l = listen::bind_unix(p, &args.net)?;
         where_.push(format!("nbd+unix:///?socket={}", p.display()));
-        let d = daemon.clone();
+        let (d, net, n) = (daemon.clone(), args.net.clone(), nbd_conns.clone());
         acceptors.push(
             std::thread::Builder::new()
                 .name("nbd-unix".into())
-                .spawn(move || accept_loop(&d, Listener::Unix(l)))
+                .spawn(move || accept_loop(&d, Listener::Unix(l), &net, &n))
                 .map_err(|e| e.to_string())?,
         );
     }
     let control_path = args.control.clone().unwrap_or_else(default_control_path);
-    let control = control::spawn(daemon.clone(), &control_path)?;
+    let control = control::spawn(daemon.clone(), &control_path, args.net.control_limits())?;
 
     let names: Vec<String> = daemon.exports.all().into_iter().map(|e| e.name).collect();
     eprintln!(
@@ -405,45 +405,6 @@ fn lock_engine(d: &Daemon) -> std::sync::MutexGuard<'_, Engine> {
     d.engine
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-/// Accepts connections until the daemon stops; each becomes a frontend on a reactor.
-fn accept_loop(d: &Daemon, l: Listener) {
-    let fd = match &l {
-        Listener::Tcp(l) => l.as_fd(),
-        Listener::Unix(l) => l.as_fd(),
-    };
-    let timeout = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 100_000_000,
-    };
-    while !d.stop.load(Ordering::Relaxed) {
-        let mut pfd = [rustix::event::PollFd::new(
-            &fd,
-            rustix::event::PollFlags::IN,
-        )];
-        if !matches!(rustix::event::poll(&mut pfd, Some(&timeout)), Ok(n) if n > 0) {
-            continue;
-        }
-        let sock = match &l {
-            Listener::Tcp(l) => l.accept().map(|(s, _)| Sock::Tcp(s)),
-            Listener::Unix(l) => l.accept().map(|(s, _)| Sock::Unix(s)),
-        };
-        match sock {
-            Ok(s) => match NbdFrontend::new(s, d.exports.clone(), d.closing.clone()) {
-                Ok(fe) => {
-                    d.attacher.attach(Box::new(fe), None);
-                }
-                Err(e) => eprintln!("stackbd: connection setup failed: {e}"),
-            },
-            Err(e) => eprintln!("stackbd: accept: {e}"),
-        }
-    }
 }
 
 /// Used by tests and the CLI: is a path a live control socket?

@@ -189,6 +189,10 @@ pub struct NbdFrontend {
     closing_since: Option<Instant>,
     /// The export this connection serves, bound on its first request: (handle, device, revoked).
     bound: Option<(u64, DevId, Arc<AtomicBool>)>,
+    /// When a client still haggling over options is dropped (see [`NbdFrontend::limit_handshake`]).
+    handshake_deadline: Option<Instant>,
+    /// Held while the connection lives (the server's connection count).
+    _guard: Option<super::listen::ConnGuard>,
 }
 
 impl NbdFrontend {
@@ -221,7 +225,21 @@ impl NbdFrontend {
             eof: false,
             closing_since: None,
             bound: None,
+            handshake_deadline: None,
+            _guard: None,
         })
+    }
+
+    /// Drops the connection if it has not finished the handshake within `t`.
+    pub fn limit_handshake(mut self, t: Duration) -> Self {
+        self.handshake_deadline = Instant::now().checked_add(t);
+        self
+    }
+
+    /// Keeps `g` (a place in the server's connection count) until the connection is dropped.
+    pub fn with_guard(mut self, g: super::listen::ConnGuard) -> Self {
+        self._guard = Some(g);
+        self
     }
 
     fn read_input(&mut self) -> usize {
@@ -432,6 +450,17 @@ impl Frontend for NbdFrontend {
                 self.conn.shutdown();
                 self.eof = true;
             }
+        }
+        if self.conn.state() == State::Handshake
+            && self.handshake_deadline.is_some_and(|t| Instant::now() >= t)
+        {
+            tracing::warn!("NBD handshake timed out; dropping the connection");
+            eprintln!("stackbd: NBD client did not finish the handshake in time; dropped");
+            self.handshake_deadline = None;
+            self.conn.shutdown();
+            self.eof = true;
+            let len = self.conn.output_len();
+            self.conn.consume_output(len);
         }
         let mut work = self.read_input();
         while let Some(io) = self.waiting.pop_front() {
