@@ -73,6 +73,12 @@ impl Waker {
         self.rung.load(Ordering::Relaxed) && self.rung.swap(false, Ordering::Acquire)
     }
 
+    /// A doorbell may have rung (relaxed; `take_rung` decides). Reactor thread, every round.
+    #[inline]
+    pub(crate) fn is_rung_relaxed(&self) -> bool {
+        self.rung.load(Ordering::Relaxed)
+    }
+
     /// True if a doorbell rang and the reactor has not looked yet (it must not sleep).
     pub(crate) fn is_rung(&self) -> bool {
         self.rung.load(Ordering::Acquire)

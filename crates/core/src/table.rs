@@ -110,6 +110,8 @@ pub struct TableEntry {
     pub start: Sector,
     pub len: Sector,
     pub target: Box<dyn Target>,
+    /// `Target::linear_remap`, asked once at build: the volume layer applies it without a call.
+    pub(crate) fast: Option<(DevId, Sector)>,
 }
 
 /// A built, validated table: immutable once made; volumes swap whole tables.
@@ -161,6 +163,7 @@ impl Table {
             entries.push(TableEntry {
                 start: l.start,
                 len: l.len,
+                fast: target.linear_remap(),
                 target,
             });
         }

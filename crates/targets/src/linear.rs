@@ -38,6 +38,10 @@ impl Target for Linear {
         MapResult::Remapped
     }
 
+    fn linear_remap(&self) -> Option<(DevId, Sector)> {
+        Some((self.dev.id, self.offset))
+    }
+
     fn flush_devices(&self) -> Vec<DevId> {
         vec![self.dev.id]
     }

@@ -59,6 +59,7 @@ impl Reactor {
 
     /// Runs the target work callbacks left: children and copies to start, bios to unpark, due
     /// timers and rung doorbells. Returns the steps taken.
+    #[inline(never)]
     pub(crate) fn run_target_work(&mut self) -> usize {
         let mut n = 0;
         if self.waker.take_rung() {

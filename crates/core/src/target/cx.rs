@@ -108,6 +108,20 @@ pub(crate) struct TargetSlot {
     pub(crate) bell: Doorbell,
 }
 
+/// A volume's targets on this reactor: one slot per table entry, and the table's generation.
+#[derive(Debug, Default)]
+pub(crate) struct VolTargets {
+    pub(crate) gen: u32,
+    pub(crate) slots: Vec<TargetSlot>,
+}
+
+impl VolTargets {
+    /// Bios parked by this volume's targets.
+    pub(crate) fn parked(&self) -> usize {
+        self.slots.iter().map(|s| s.parked.len()).sum()
+    }
+}
+
 /// A child or copy piece to start, queued by a callback.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Spawn {
@@ -276,13 +290,14 @@ impl TargetIo {
 pub struct TargetCx<'a> {
     pub(crate) vol: DevId,
     pub(crate) target: u16,
-    pub(crate) gen: u32,
     pub(crate) reactor: usize,
     /// The bio the call is about (map, end_io, unparked), if any.
     pub(crate) id: Option<BioId>,
     pub(crate) root: Option<BioId>,
     pub(crate) fallback: &'a mut FrameFallback,
-    pub(crate) slot: &'a mut TargetSlot,
+    /// The volume's target slots on this reactor and its table generation; `target` indexes
+    /// this target's slot (looked up only when a method needs it: a pure remap pays nothing).
+    pub(crate) vt: &'a mut VolTargets,
     pub(crate) io: &'a mut TargetIo,
     /// Frames this call pushed (dropped again if the bio is parked).
     pub(crate) pushed: u8,
@@ -317,7 +332,7 @@ impl TargetCx<'_> {
     /// This target's state on this reactor, as `reactor_state` made it. Panics if it made none
     /// or one of another type (a bug in the target).
     pub fn state<T: 'static>(&mut self) -> &mut T {
-        self.slot
+        self.vt.slots[self.target as usize]
             .state
             .as_mut()
             .and_then(|s| s.downcast_mut::<T>())
@@ -341,7 +356,7 @@ impl TargetCx<'_> {
     pub fn copy(&mut self, io: CopyIo) {
         self.io
             .copies
-            .push_back((self.vol, self.target, self.gen, self.root, io));
+            .push_back((self.vol, self.target, self.vt.gen, self.root, io));
     }
 
     /// Unparks this target's bios parked under `key`, in the order they were parked; each goes
@@ -355,7 +370,7 @@ impl TargetCx<'_> {
         let (vol, target) = (self.vol, self.target);
         let unparks = &mut self.io.unparks;
         let mut n = 0;
-        self.slot.parked.retain(|p| {
+        self.vt.slots[self.target as usize].parked.retain(|p| {
             if f(p.key) {
                 unparks.push_back(Unpark {
                     vol,
@@ -374,12 +389,16 @@ impl TargetCx<'_> {
 
     /// Bios of this target parked on this reactor.
     pub fn parked(&self) -> usize {
-        self.slot.parked.len()
+        self.vt.slots[self.target as usize].parked.len()
     }
 
     /// The smallest key parked on this reactor (e.g. the next due time).
     pub fn min_parked_key(&self) -> Option<u64> {
-        self.slot.parked.iter().map(|p| p.key).min()
+        self.vt.slots[self.target as usize]
+            .parked
+            .iter()
+            .map(|p| p.key)
+            .min()
     }
 
     /// Runs `timer(token)` on this reactor at `due` (or soon after).
@@ -389,7 +408,7 @@ impl TargetCx<'_> {
             due,
             seq: self.io.timer_seq,
             vol: self.vol,
-            gen: self.gen,
+            gen: self.vt.gen,
             target: self.target,
             token,
         }));

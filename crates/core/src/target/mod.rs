@@ -97,6 +97,14 @@ pub trait Target: Send + Sync + fmt::Debug + 'static {
     /// while it keeps the bio parked (the submitter's data stays valid until the bio completes).
     fn map(&self, bio: &mut Bio, cx: &mut TargetCx<'_>) -> MapResult;
 
+    /// For a target that maps every bio to one device at `sector + offset` and does nothing
+    /// else (no frame, no state, no `end_io`, every op alike): `Some((device, offset))`. The
+    /// core asks once when the table is built and then applies the remap itself, without a
+    /// call or a `TargetCx` (`linear`). Control plane.
+    fn linear_remap(&self) -> Option<(DevId, Sector)> {
+        None
+    }
+
     /// Sectors from `offset` (relative to the target start) to the next point a bio must be
     /// split at, e.g. the end of a stripe chunk. `Sector::MAX` when there is none.
     fn max_io_len(&self, _offset: Sector) -> Sector {

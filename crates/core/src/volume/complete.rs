@@ -26,6 +26,7 @@ enum Step {
 
 /// Pops `id`'s frames, dispatching on each frame's kind. Returns a child bio whose bottom
 /// frame was reached: the caller hands it to `child_complete`, which needs the whole reactor.
+#[inline(always)]
 pub(crate) fn complete_frames(mut p: Parts<'_>, mut id: BioId) -> Option<(BioId, DevId, u16)> {
     loop {
         let step = match p.pool.get(id).frames.peek() {
@@ -52,6 +53,7 @@ pub(crate) fn complete_frames(mut p: Parts<'_>, mut id: BioId) -> Option<(BioId,
 
 /// Leaving a volume: it counts one bio less in flight. A pushed-back bio stops here, held for
 /// the next table (or mapped again at once if the volume resumed meanwhile).
+#[inline(always)]
 fn volume_entry(p: &mut Parts<'_>, id: BioId, h: FrameHdr) -> Step {
     let bio = p.pool.get_mut(id);
     bio.frames.pop();
@@ -78,6 +80,7 @@ fn volume_entry(p: &mut Parts<'_>, id: BioId, h: FrameHdr) -> Step {
 
 /// The remainder of a split bio finished: it waits for its clones, or the last one back
 /// restores it as it was at the split.
+#[inline(always)]
 fn split_remainder(p: &mut Parts<'_>, id: BioId, h: FrameHdr) -> Step {
     let bio = p.pool.get_mut(id);
     let mut ctx: SplitCtx = bio.frames.ctx_at(h.ctx_off);
@@ -187,6 +190,7 @@ fn request_done(p: &mut Parts<'_>, id: BioId, h: FrameHdr) -> Step {
 
 /// No frame left: a clone (a split piece, a copy emulation step) reports to its parent, or a
 /// top-level I/O is done.
+#[inline(always)]
 fn no_frame_left(p: &mut Parts<'_>, id: BioId) -> Step {
     let parent = p.pool.get(id).parent;
     match parent.map(|(par, off)| (par, off, is_copy_emu(p.pool, par, off))) {
@@ -229,6 +233,7 @@ fn copy_step_done(p: &mut Parts<'_>, id: BioId, parent: BioId) -> Step {
 }
 
 /// A split clone finished: its parent waits for the others, or (the last) finishes.
+#[inline(always)]
 fn clone_done(p: &mut Parts<'_>, id: BioId, parent: BioId, off: u32) -> Step {
     let (status, pushback) = (p.pool.get(id).status, p.pool.get(id).pushback);
     p.pool.free(id, p.fallback);
@@ -251,6 +256,7 @@ fn clone_done(p: &mut Parts<'_>, id: BioId, parent: BioId, off: u32) -> Step {
 }
 
 /// A top-level I/O is done: its completion goes to the submitter's queue.
+#[inline(always)]
 fn top_level_done(p: &mut Parts<'_>, id: BioId) -> Step {
     let bio = p.pool.get(id);
     debug_assert!(

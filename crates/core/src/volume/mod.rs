@@ -143,7 +143,7 @@ pub(crate) fn vol_targets(targets: &mut Vec<VolTargets>, dev: DevId) -> &mut Vol
 }
 
 /// Applies a map result; true if the bio was remapped and goes on down.
-#[inline]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish_map(
     r: MapResult,
@@ -208,6 +208,7 @@ pub(crate) fn push_back(
 }
 
 /// Routes a bio down until a leaf takes it, a target keeps it, or it completes.
+#[inline(always)]
 pub(crate) fn route(p: Parts<'_>, id: BioId) {
     let Parts {
         pool,
@@ -303,15 +304,9 @@ pub(crate) fn route(p: Parts<'_>, id: BioId) {
                 };
                 let table = v.table.as_deref().expect("checked above");
                 let rq = v.rq.as_mut().map(|q| (q, &mut *unplug));
-                let mut tx = Tx {
-                    vol: dev,
-                    reactor: index,
-                    vt: vol_targets(targets, dev),
-                    tio,
-                };
                 if !map_in_table(
                     table, dev, id, pool, fallback, submit_q, complete_q, requeue, stats, rq,
-                    &mut tx,
+                    targets, tio, index,
                 ) {
                     return;
                 }

@@ -1,12 +1,13 @@
 //! Splitting at target boundaries (seed 001: the leading pieces go as clones, the remainder
 //! goes on as the original bio) and the flush plan (one empty flush per distinct device).
 
-use super::{finish_map, map_with, ReactorStats, Requeued, Tx};
+use super::{finish_map, map_with, vol_targets, ReactorStats, Requeued, Tx, VolTargets};
 use crate::bio::{BioId, BioPool, FrameFallback, FrameKind, Op, SplitCtx};
 use crate::buf::DataBuf;
 use crate::rq::RequestQueue;
 use crate::status::Status;
 use crate::table::Table;
+use crate::target::TargetIo;
 use crate::{DevId, Sector, SECTOR_SIZE};
 use std::collections::VecDeque;
 
@@ -29,7 +30,7 @@ pub(crate) fn restore(pool: &mut BioPool, id: BioId, ctx: &SplitCtx, vol: DevId)
 /// goes on as the original bio (seed 001). Returns true if the original was remapped and should
 /// keep descending.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 pub(crate) fn map_in_table(
     table: &Table,
     vol: DevId,
@@ -40,9 +41,47 @@ pub(crate) fn map_in_table(
     complete_q: &mut VecDeque<BioId>,
     requeue: &mut VecDeque<Requeued>,
     stats: &mut ReactorStats,
-    rq: Option<(&mut RequestQueue, &mut Vec<DevId>)>,
-    tx: &mut Tx<'_>,
+    mut rq: Option<(&mut RequestQueue, &mut Vec<DevId>)>,
+    targets: &mut Vec<VolTargets>,
+    tio: &mut TargetIo,
+    index: usize,
 ) -> bool {
+    // The common case first: a bio within one target goes to it as it is, with nothing to
+    // set up (a split or a flush builds a `Splitter`).
+    let bio = pool.get_mut(id);
+    if bio.op != Op::Flush {
+        let ti = table.find(bio.sector);
+        let e = &table.entries()[ti];
+        let off = bio.sector - e.start;
+        if bio.sectors as Sector <= (e.len - off).min(e.target.max_io_len(off)) {
+            if let Some((q, unplug)) = rq.as_mut() {
+                bio.sector = off;
+                enqueue(q, unplug, vol, pool, id, ti as u16, stats);
+                return false;
+            }
+            if let Some((dev, offset)) = e.fast {
+                // A pure remap (linear): no call, no context.
+                bio.dev = dev;
+                bio.sector = off + offset;
+                return true;
+            }
+            bio.sector = off;
+            let mut tx = Tx {
+                vol,
+                reactor: index,
+                vt: vol_targets(targets, vol),
+                tio,
+            };
+            let r = map_with(&*e.target, ti as u16, id, pool, fallback, &mut tx, None);
+            return finish_map(r, id, vol, ti as u16, pool, complete_q, requeue, stats);
+        }
+    }
+    let mut tx = Tx {
+        vol,
+        reactor: index,
+        vt: vol_targets(targets, vol),
+        tio,
+    };
     let mut s = Splitter {
         table,
         vol,
@@ -54,7 +93,7 @@ pub(crate) fn map_in_table(
         requeue,
         stats,
         rq,
-        tx,
+        tx: &mut tx,
         split_off: None,
     };
     if s.pool.get(id).op == Op::Flush {
@@ -104,6 +143,7 @@ impl Splitter<'_, '_> {
 
     /// Hands bio `b` (target-relative) to target `ti`: onto the request queue of a
     /// request-based volume, else through `map`. True if it was remapped and goes on down.
+    #[inline(always)]
     fn send(&mut self, b: BioId, ti: u16) -> bool {
         if let Some((q, unplug)) = self.rq.as_mut() {
             enqueue(q, unplug, self.vol, self.pool, b, ti, self.stats);
@@ -178,6 +218,7 @@ impl Splitter<'_, '_> {
 
     /// Cuts leading pieces off at every boundary until the rest fits one target, which the
     /// original then goes to.
+    #[inline(always)]
     fn split(&mut self) -> bool {
         let entries = self.table.entries();
         loop {

@@ -4,24 +4,11 @@
 use crate::bio::{BioId, BioPool, FrameFallback};
 use crate::service::Doorbell;
 use crate::target::cx::Parked;
+pub(crate) use crate::target::cx::VolTargets;
 use crate::target::{MapResult, ReactorInit, Target, TargetCx, TargetIo, TargetSlot};
 use crate::DevId;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-/// A volume's targets on this reactor: one slot per table entry, and the table's generation.
-#[derive(Debug, Default)]
-pub(crate) struct VolTargets {
-    pub(crate) gen: u32,
-    pub(crate) slots: Vec<TargetSlot>,
-}
-
-impl VolTargets {
-    /// Bios parked by this volume's targets.
-    pub(crate) fn parked(&self) -> usize {
-        self.slots.iter().map(|s| s.parked.len()).sum()
-    }
-}
 
 /// What a map call needs besides the bio: the volume's target slots and the reactor's queues.
 pub(crate) struct Tx<'a> {
@@ -32,6 +19,7 @@ pub(crate) struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    #[inline(always)]
     pub(crate) fn cx<'b>(
         &'b mut self,
         ti: u16,
@@ -42,12 +30,11 @@ impl Tx<'_> {
         TargetCx {
             vol: self.vol,
             target: ti,
-            gen: self.vt.gen,
             reactor: self.reactor,
             id,
             root,
             fallback,
-            slot: &mut self.vt.slots[ti as usize],
+            vt: &mut *self.vt,
             io: self.tio,
             pushed: 0,
         }
@@ -56,7 +43,7 @@ impl Tx<'_> {
 
 /// Calls `map` (or `unparked`, with `key`) and records a parked bio: frames the call pushed are
 /// dropped and the sector it saw put back, so a parked bio is always as `map` got it.
-#[inline]
+#[inline(always)]
 pub(crate) fn map_with(
     t: &dyn Target,
     ti: u16,
