@@ -75,32 +75,55 @@ fn zero_heap_allocations_per_io_through_four_layers() {
     assert_eq!(e.reactor().pool().stats.grown, 0);
 }
 
+/// Runs `rounds` rounds of 32 random reads and writes (1..64 sectors) at once on `top`, each
+/// round reaped whole before the next; with `parked`, checks after the first poll that all 32
+/// wait on a target's timer.
+fn qd32_rounds(
+    e: &mut Engine,
+    top: stackbd_core::DevId,
+    size: u64,
+    bufs: &mut [Vec<u8>],
+    rounds: u64,
+    rng: &mut Rng,
+    parked: bool,
+) {
+    for _ in 0..rounds {
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let sectors = rng.range(1, 64) as u32;
+            let sector = rng.range(0, size - sectors as u64);
+            let op = if i % 2 == 0 { Op::Write } else { Op::Read };
+            // SAFETY: `bufs` outlives the round, which reaps every completion before the
+            // buffers are touched again.
+            let data = unsafe { DataBuf::from_slice(&mut b[..sectors as usize * 512]) };
+            e.submit(&Request::new(op, top, sector, sectors, data, i as u64))
+                .unwrap();
+        }
+        if parked {
+            e.poll();
+            assert_eq!(
+                e.reactor().parked_total(),
+                bufs.len(),
+                "every I/O waits for its timer"
+            );
+        }
+        let mut done = 0;
+        while done < bufs.len() {
+            e.poll();
+            while let Some(c) = e.reap() {
+                assert!(c.status.is_ok());
+                done += 1;
+            }
+        }
+    }
+}
+
 #[test]
 fn zero_heap_allocations_with_a_queue_depth_of_32() {
     let (mut e, top, size) = four_layer_stack();
     let mut rng = Rng::new(7);
     let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 64 * 512]).collect();
     let mut run = |e: &mut Engine, rounds: u64, rng: &mut Rng| {
-        for _ in 0..rounds {
-            for (i, b) in bufs.iter_mut().enumerate() {
-                let sectors = rng.range(1, 64) as u32;
-                let sector = rng.range(0, size - sectors as u64);
-                let op = if i % 2 == 0 { Op::Write } else { Op::Read };
-                // SAFETY: `bufs` outlives the round, which reaps every completion before the
-                // buffers are touched again.
-                let data = unsafe { DataBuf::from_slice(&mut b[..sectors as usize * 512]) };
-                e.submit(&Request::new(op, top, sector, sectors, data, i as u64))
-                    .unwrap();
-            }
-            let mut done = 0;
-            while done < 32 {
-                e.poll();
-                while let Some(c) = e.reap() {
-                    assert!(c.status.is_ok());
-                    done += 1;
-                }
-            }
-        }
+        qd32_rounds(e, top, size, &mut bufs, rounds, rng, false)
     };
     run(&mut e, 100, &mut rng);
     let before = thread_allocs();
@@ -134,32 +157,7 @@ fn zero_heap_allocations_through_delay_and_flakey_with_every_delay_on_a_timer() 
     let mut rng = Rng::new(9);
     let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 64 * 512]).collect();
     let mut run = |e: &mut Engine, rounds: u64, rng: &mut Rng| {
-        for _ in 0..rounds {
-            for (i, b) in bufs.iter_mut().enumerate() {
-                let sectors = rng.range(1, 64) as u32;
-                let sector = rng.range(0, size - sectors as u64);
-                let op = if i % 2 == 0 { Op::Write } else { Op::Read };
-                // SAFETY: `bufs` outlives the round, which reaps every completion before the
-                // buffers are touched again.
-                let data = unsafe { DataBuf::from_slice(&mut b[..sectors as usize * 512]) };
-                e.submit(&Request::new(op, top, sector, sectors, data, i as u64))
-                    .unwrap();
-            }
-            e.poll();
-            assert_eq!(
-                e.reactor().parked_total(),
-                32,
-                "every I/O waits for its timer"
-            );
-            let mut done = 0;
-            while done < 32 {
-                e.poll();
-                while let Some(c) = e.reap() {
-                    assert!(c.status.is_ok());
-                    done += 1;
-                }
-            }
-        }
+        qd32_rounds(e, top, size, &mut bufs, rounds, rng, true)
     };
     run(&mut e, 50, &mut rng);
     let before = thread_allocs();

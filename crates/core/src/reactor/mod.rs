@@ -10,10 +10,7 @@ use crate::rq::{QueueOpts, RequestQueue};
 use crate::status::Status;
 use crate::table::Table;
 use crate::target::TargetIo;
-use crate::volume::{
-    self, map_with, vol_targets, Bell, CopyBufs, LeafState, Parts, Requeued, Slot, Tx, VolState,
-    VolTargets,
-};
+use crate::volume::{self, Bell, CopyBufs, LeafState, Parts, Requeued, Slot, VolState, VolTargets};
 pub use crate::volume::{Completion, ReactorStats, COPY_CHUNK_SECTORS};
 use crate::{DevId, Sector, SECTOR_SIZE};
 use std::collections::VecDeque;
@@ -503,40 +500,8 @@ impl Reactor {
                 continue;
             }
             ran += 1;
-            let index = self.index;
-            let Reactor {
-                pool,
-                fallback,
-                devs,
-                submit_q,
-                complete_q,
-                requeue,
-                stats,
-                targets,
-                tio,
-                ..
-            } = self;
-            let table = match devs.get(r.vol.0 as usize) {
-                Some(Slot::Volume(v)) => v.table.as_deref(),
-                _ => None,
-            };
-            let Some(table) = table else {
-                pool.get_mut(r.id).status = Status::Shutdown;
-                complete_q.push_back(r.id);
-                continue;
-            };
-            pool.get_mut(r.id).dev = r.vol;
-            let mut tx = Tx {
-                vol: r.vol,
-                reactor: index,
-                vt: vol_targets(targets, r.vol),
-                tio,
-            };
-            let t = &*table.entries()[r.target as usize].target;
-            let res = map_with(t, r.target, r.id, pool, fallback, &mut tx, None);
-            if volume::finish_map(res, r.id, r.vol, r.target, pool, complete_q, requeue, stats) {
-                submit_q.push_back(r.id);
-            }
+            self.pool.get_mut(r.id).dev = r.vol;
+            volume::remap_at(self.parts(), r.vol, r.target, r.id, None);
         }
         ran
     }

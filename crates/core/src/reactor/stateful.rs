@@ -8,9 +8,7 @@ use crate::buf::DataBuf;
 use crate::status::Status;
 use crate::target::cx::{sector_bytes, CopyTask, Spawn, Timer, COPY_STEP_SECTORS};
 use crate::target::{ChildCtx, ChildIo, CopyIo, Target, TargetCx, NO_TASK};
-use crate::volume::{
-    finish_map, make_slots, map_with, Bell, Requeued, Slot, Tx, VolState, VolTargets,
-};
+use crate::volume::{make_slots, Bell, Requeued, Slot, Tx, VolState, VolTargets};
 use crate::{DevId, Sector};
 use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
@@ -347,39 +345,7 @@ impl Reactor {
 
     /// Hands an unparked bio to its target's `unparked` and carries out the answer.
     fn run_unpark(&mut self, vol: DevId, ti: u16, id: BioId, key: u64) {
-        let index = self.index;
-        let Reactor {
-            pool,
-            fallback,
-            devs,
-            targets,
-            tio,
-            submit_q,
-            complete_q,
-            requeue,
-            stats,
-            ..
-        } = self;
-        let table = match devs.get(vol.0 as usize) {
-            Some(Slot::Volume(v)) => v.table.as_deref(),
-            _ => None,
-        };
-        let (Some(table), Some(vt)) = (table, targets.get_mut(vol.0 as usize)) else {
-            pool.get_mut(id).status = Status::Shutdown;
-            complete_q.push_back(id);
-            return;
-        };
-        let t = &*table.entries()[ti as usize].target;
-        let mut tx = Tx {
-            vol,
-            reactor: index,
-            vt,
-            tio,
-        };
-        let r = map_with(t, ti, id, pool, fallback, &mut tx, Some(key));
-        if finish_map(r, id, vol, ti, pool, complete_q, requeue, stats) {
-            submit_q.push_back(id);
-        }
+        crate::volume::remap_at(self.parts(), vol, ti, id, Some(key));
     }
 
     /// A noflush suspend: bios parked (not held) by the volume's targets go back up to the

@@ -319,3 +319,41 @@ pub(crate) fn route(p: Parts<'_>, id: BioId) {
         }
     }
 }
+
+/// Maps `id` again through target `ti` of volume `vol`: a requeued bio (`unpark_key` None) or
+/// an unparked one (its key). A volume with no table any more completes it with `Shutdown`.
+pub(crate) fn remap_at(p: Parts<'_>, vol: DevId, ti: u16, id: BioId, unpark_key: Option<u64>) {
+    let Parts {
+        pool,
+        fallback,
+        devs,
+        submit_q,
+        complete_q,
+        requeue,
+        stats,
+        targets,
+        tio,
+        index,
+        ..
+    } = p;
+    let table = match devs.get(vol.0 as usize) {
+        Some(Slot::Volume(v)) => v.table.as_deref(),
+        _ => None,
+    };
+    let Some(table) = table else {
+        pool.get_mut(id).status = Status::Shutdown;
+        complete_q.push_back(id);
+        return;
+    };
+    let mut tx = Tx {
+        vol,
+        reactor: index,
+        vt: vol_targets(targets, vol),
+        tio,
+    };
+    let t = &*table.entries()[ti as usize].target;
+    let r = map_with(t, ti, id, pool, fallback, &mut tx, unpark_key);
+    if finish_map(r, id, vol, ti, pool, complete_q, requeue, stats) {
+        submit_q.push_back(id);
+    }
+}
