@@ -14,15 +14,6 @@ use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
 
 impl Reactor {
-    /// The per-reactor target slots of volume `dev`, made if missing.
-    pub(crate) fn vol_targets(&mut self, dev: DevId) -> &mut VolTargets {
-        let i = dev.0 as usize;
-        if self.targets.len() <= i {
-            self.targets.resize_with(i + 1, VolTargets::default);
-        }
-        &mut self.targets[i]
-    }
-
     /// Installs the target slots of a new table on `dev` (or clears them).
     pub(crate) fn install_slots(&mut self, dev: DevId, table: Option<&crate::table::Table>) {
         let slots = table.map_or_else(Vec::new, |t| make_slots(t, self.index, &self.waker));
@@ -34,7 +25,7 @@ impl Reactor {
                 target: i as u16,
             });
         }
-        let vt = self.vol_targets(dev);
+        let vt = crate::volume::vol_targets(&mut self.targets, dev);
         debug_assert_eq!(vt.parked(), 0, "table swap with parked bios");
         vt.gen = vt.gen.wrapping_add(1);
         vt.slots = slots;
@@ -89,21 +80,22 @@ impl Reactor {
         gen: Option<u32>,
         f: impl FnOnce(&dyn Target, &mut TargetCx<'_>),
     ) {
-        let Some(Slot::Volume(VolState { table: Some(t), .. })) = self.devs.get(vol.0 as usize)
-        else {
-            return;
-        };
-        let t = t.clone();
-        let Some(e) = t.entries().get(ti as usize) else {
-            return;
-        };
+        // Borrowed apart (the table from `devs`, the slots and queues mutably): no `Arc` clone,
+        // so a child's completion touches no shared reference count.
         let index = self.index;
         let Reactor {
+            devs,
             targets,
             tio,
             fallback,
             ..
         } = self;
+        let Some(Slot::Volume(VolState { table: Some(t), .. })) = devs.get(vol.0 as usize) else {
+            return;
+        };
+        let Some(e) = t.entries().get(ti as usize) else {
+            return;
+        };
         let Some(vt) = targets.get_mut(vol.0 as usize) else {
             return;
         };
