@@ -13,6 +13,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod leaf;
+mod luks;
+
+pub use luks::LuksCmd;
 
 /// How to reach the daemon and how to print; on every verb.
 #[derive(Args, Debug, Clone, Default)]
@@ -128,6 +131,9 @@ pub enum Verb {
         /// The inactive table instead of the live one.
         #[arg(long)]
         inactive: bool,
+        /// Print crypt keys (without it they print as zeros, as in dmsetup).
+        #[arg(long)]
+        showkeys: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -189,6 +195,11 @@ pub enum Verb {
         #[command(subcommand)]
         cmd: ExportCmd,
     },
+    /// LUKS volumes: open (unlock a header, create a crypt volume), close, format, dump.
+    Luks {
+        #[command(subcommand)]
+        cmd: LuksCmd,
+    },
     /// Reactor counters (I/O, splits, pools, frame overflows), exports and volumes.
     Stats {
         /// Only this volume or export.
@@ -239,8 +250,15 @@ pub enum LeafCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// List leaves: kind, size, arguments, the volumes on them.
+    /// List leaves: kind, state, size, arguments, the volumes on them.
     Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Open again a leaf that failed at start (every one without NAME); what waited on it
+    /// comes up. The daemon also retries by itself every 15 s.
+    Retry {
+        name: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -305,6 +323,7 @@ impl Verb {
                 LeafCmd::Add { .. } => "leaf add",
                 LeafCmd::Rm { .. } => "leaf rm",
                 LeafCmd::Ls { .. } => "leaf ls",
+                LeafCmd::Retry { .. } => "leaf retry",
                 LeafCmd::Message { .. } => "leaf message",
             },
             Verb::Export { cmd } => match cmd {
@@ -312,6 +331,7 @@ impl Verb {
                 ExportCmd::Rm { .. } => "export rm",
                 ExportCmd::Ls { .. } => "export ls",
             },
+            Verb::Luks { cmd } => cmd.name(),
             Verb::Stats { .. } => "stats",
             Verb::Shutdown { .. } => "shutdown",
         }
@@ -340,6 +360,7 @@ impl Verb {
                 LeafCmd::Add { conn, .. }
                 | LeafCmd::Rm { conn, .. }
                 | LeafCmd::Ls { conn }
+                | LeafCmd::Retry { conn, .. }
                 | LeafCmd::Message { conn, .. } => conn,
             },
             Verb::Export { cmd } => match cmd {
@@ -347,6 +368,7 @@ impl Verb {
                 | ExportCmd::Rm { conn, .. }
                 | ExportCmd::Ls { conn } => conn,
             },
+            Verb::Luks { cmd } => cmd.conn().unwrap_or(&NO_CONN),
         }
     }
 }
@@ -363,8 +385,28 @@ impl From<String> for Fail {
     }
 }
 
+/// The connection of a verb that needs no daemon.
+static NO_CONN: Conn = Conn {
+    control: None,
+    json: false,
+};
+
 pub fn run(v: Verb) -> ExitCode {
     let verb = v.name();
+    if let Verb::Luks { cmd } = &v {
+        if cmd.conn().is_none() {
+            return match luks::run_local(cmd) {
+                Ok(text) => {
+                    out(&text);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stackbd {verb}: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     let conn = v.conn().clone();
     match execute(&v, &conn) {
         Ok(text) => {
@@ -516,9 +558,16 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
         Verb::Remove { name, force, .. } => ("remove", json!({"name": name, "force": force})),
         Verb::Ls { tree, .. } => ("ls", json!({ "tree": tree })),
         Verb::Info { name, .. } => ("info", json!({ "name": name })),
-        Verb::Table { name, inactive, .. } => {
-            ("table", json!({"name": name, "inactive": inactive}))
-        }
+        Verb::Table {
+            name,
+            inactive,
+            showkeys,
+            ..
+        } => (
+            "table",
+            json!({"name": name, "inactive": inactive, "showkeys": showkeys}),
+        ),
+        Verb::Luks { cmd } => luks::request(cmd)?,
         Verb::Status { name, .. } => ("status", json!({ "name": name })),
         Verb::Queue {
             name,
@@ -578,6 +627,7 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
             }
             LeafCmd::Rm { name, .. } => ("leaf_rm", json!({ "name": name })),
             LeafCmd::Ls { .. } => ("leaf_ls", json!({})),
+            LeafCmd::Retry { name, .. } => ("leaf_retry", json!({ "name": name })),
             LeafCmd::Message { name, args, .. } => {
                 ("leaf_message", leaf::message_request(name, args))
             }
@@ -701,6 +751,7 @@ fn render(v: &Verb, r: &Value) -> String {
     match v {
         Verb::Info { .. } => info_text(r.get("info").unwrap_or(&Value::Null)),
         Verb::Table { .. } => lines(s(r, "table")),
+        Verb::Luks { cmd } => luks::render(cmd, r),
         Verb::Status { .. } => lines(s(r, "status")),
         Verb::Queue { .. } => format!(
             "Scheduler: {}\nnr_requests: {}\nRequest-based: {}\n",
@@ -736,11 +787,14 @@ fn render(v: &Verb, r: &Value) -> String {
             }
             devs.iter()
                 .map(|d| {
-                    let kind = if b(d, "volume") {
+                    let mut kind = if b(d, "volume") {
                         "volume".to_string()
                     } else {
                         format!("{} leaf", s(d, "kind"))
                     };
+                    if let Some(why) = d.get("failed").and_then(Value::as_str) {
+                        kind += &format!(", failed: {why}");
+                    }
                     format!("{}\t({kind})\n", s(d, "name"))
                 })
                 .collect()
@@ -752,10 +806,17 @@ fn render(v: &Verb, r: &Value) -> String {
             if leaves.is_empty() {
                 return "No leaves\n".into();
             }
-            let mut rows = vec![["NAME", "KIND", "SECTORS", "SIZE", "USED BY", "PARAMS"]
-                .map(String::from)
-                .to_vec()];
+            let mut rows = vec![[
+                "NAME", "KIND", "STATE", "SECTORS", "SIZE", "USED BY", "PARAMS",
+            ]
+            .map(String::from)
+            .to_vec()];
+            let mut notes = String::new();
             for l in leaves {
+                let state = l.get("state").and_then(Value::as_str).unwrap_or("ok");
+                if let Some(e) = l.get("error").and_then(Value::as_str) {
+                    notes += &format!("{}: {state}: {e}\n", s(l, "name"));
+                }
                 let users: Vec<&str> = list(l, "used_by")
                     .iter()
                     .filter_map(Value::as_str)
@@ -763,6 +824,7 @@ fn render(v: &Verb, r: &Value) -> String {
                 rows.push(vec![
                     s(l, "name").into(),
                     s(l, "kind").into(),
+                    state.into(),
                     n(l, "sectors").to_string(),
                     human_bytes(n(l, "bytes")),
                     if users.is_empty() {
@@ -773,7 +835,7 @@ fn render(v: &Verb, r: &Value) -> String {
                     leaf::params_text(s(l, "kind"), &l["params"]),
                 ]);
             }
-            columns(&rows)
+            columns(&rows) + &notes
         }
         Verb::Export {
             cmd: ExportCmd::Ls { .. },

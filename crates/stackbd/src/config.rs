@@ -41,10 +41,13 @@ use std::path::{Path, PathBuf};
 use toml::{Spanned, Value};
 
 mod error;
+mod failed;
 mod graph;
 mod leaf;
+mod luks;
 
 pub use error::{ConfigError, ConfigErrors, ErrorKind, Section};
+pub use failed::Failed;
 
 // ---------------------------------------------------------------------------------------------
 // The parsed configuration
@@ -58,6 +61,8 @@ pub struct Config {
     pub leaves: Vec<LeafDecl>,
     pub volumes: Vec<VolumeDecl>,
     pub exports: Vec<ExportDecl>,
+    /// LUKS volumes to open (after the leaves, before the volumes).
+    pub luks: Vec<crate::crypttab::LuksDecl>,
 }
 
 impl Config {
@@ -156,6 +161,8 @@ struct RawConfig {
     volume: BTreeMap<String, RawSection>,
     #[serde(default)]
     export: BTreeMap<String, RawSection>,
+    #[serde(default)]
+    luks: BTreeMap<String, RawSection>,
 }
 
 /// Byte offsets to lines and columns.
@@ -500,6 +507,32 @@ fn read(cx: &mut Cx<'_>) -> Option<Config> {
         }
         cfg.volumes.push(v);
     }
+    for (name, map) in in_file_order(raw.luks) {
+        let Some(l) = luks::read_luks(cx, &name, map) else {
+            cx.broken.insert(Section::Luks(name));
+            continue;
+        };
+        let taken = cfg
+            .leaf(&name)
+            .map(|x| (Section::Leaf(name.clone()), x.line))
+            .or_else(|| {
+                cfg.volume(&name)
+                    .map(|x| (Section::Volume(name.clone()), x.line))
+            });
+        if let Some((other, line)) = taken {
+            cx.error(
+                Some(l.line),
+                Some(Section::Luks(name.clone())),
+                ErrorKind::Invalid(format!(
+                    "the name '{name}' is already taken by {other} (line {line}); a luks \
+                     section creates a volume of its name"
+                )),
+            );
+            cx.broken.insert(Section::Luks(name));
+            continue;
+        }
+        cfg.luks.push(l);
+    }
     for (name, map) in in_file_order(raw.export) {
         match read_export(cx, &name, map) {
             Some(e) => cfg.exports.push(e),
@@ -554,12 +587,15 @@ pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigErrors> {
 // Building the stack
 // ---------------------------------------------------------------------------------------------
 
-/// An engine with everything the config declares.
+/// An engine with everything the config declares (or, after a degraded build, everything that
+/// could be brought up, and in `failed` the rest with why).
 pub struct Built {
     pub config: Config,
     pub engine: Engine,
     /// Volume names, each after every volume its table uses.
     pub order: Vec<String>,
+    /// What could not be built, with why (empty unless the build was degraded).
+    pub failed: Failed,
 }
 
 /// Names a table uses: its arguments (comments, layout numbers and target types left out); the
@@ -576,7 +612,7 @@ fn build_in(
     broken: &BTreeSet<Section>,
     mut engine: Engine,
     cx: &mut Cx<'_>,
-) -> Option<Built> {
+) -> Built {
     // Why a leaf or volume is unusable, by name: what uses it is skipped.
     let mut bad_leaf: HashMap<String, &'static str> = HashMap::new();
     let mut bad_vol: HashMap<String, &'static str> = HashMap::new();
@@ -584,6 +620,7 @@ fn build_in(
         match s {
             Section::Leaf(n) => bad_leaf.insert(n.clone(), "is invalid"),
             Section::Volume(n) => bad_vol.insert(n.clone(), "is invalid"),
+            Section::Luks(n) => bad_vol.insert(n.clone(), "is invalid"),
             Section::Export(_) => None,
         };
     }
@@ -592,7 +629,7 @@ fn build_in(
         let r = l
             .params
             .build()
-            .map_err(|e| format!("cannot create {} leaf: {e}", l.params.kind_name()))
+            .map_err(|e| leaf_build_error(&l.params, &e))
             .and_then(|leaf| engine.add_leaf(&l.name, leaf).map_err(|e| e.to_string()));
         if let Err(msg) = r {
             cx.error(
@@ -603,6 +640,8 @@ fn build_in(
             bad_leaf.insert(l.name.clone(), "failed");
         }
     }
+
+    open_luks(cfg, &mut engine, &bad_leaf, &mut bad_vol, cx);
 
     // What each table uses, by scanning it for declared names; a name declared as a leaf is
     // the leaf (a volume of the same name was refused).
@@ -741,7 +780,7 @@ fn build_in(
                 uses: format!("volume '{name}'"),
                 why: bad_vol[name].to_string(),
             }
-        } else if index.contains_key(name.as_str()) {
+        } else if index.contains_key(name.as_str()) || cfg.luks.iter().any(|l| &l.name == name) {
             continue;
         } else if is_leaf {
             ErrorKind::Invalid(format!(
@@ -762,11 +801,55 @@ fn build_in(
         cx.error(Some(e.line), section, kind);
     }
 
-    cx.errors.is_empty().then(|| Built {
+    let failed = Failed::collect(cfg, &bad_leaf, &bad_vol, &cx.errors);
+    Built {
         config: cfg.clone(),
         engine,
         order: order.iter().map(|&i| cfg.volumes[i].name.clone()).collect(),
-    })
+        failed,
+    }
+}
+
+/// Why a leaf could not be built (the leaf's error names its file where it has one).
+pub fn leaf_build_error(p: &LeafParams, e: &std::io::Error) -> String {
+    format!("cannot create {} leaf: {e}", p.kind_name())
+}
+
+/// Opens the `[luks.NAME]` volumes, over leaves only (they are opened before any volume).
+fn open_luks(
+    cfg: &Config,
+    engine: &mut Engine,
+    bad_leaf: &HashMap<String, &'static str>,
+    bad_vol: &mut HashMap<String, &'static str>,
+    cx: &mut Cx<'_>,
+) {
+    for l in &cfg.luks {
+        let section = Some(Section::Luks(l.name.clone()));
+        if let Some(why) = bad_leaf.get(&l.device) {
+            cx.error(
+                Some(l.line),
+                section,
+                ErrorKind::Skipped {
+                    uses: format!("leaf '{}'", l.device),
+                    why: why.to_string(),
+                },
+            );
+            bad_vol.insert(l.name.clone(), "was skipped");
+            continue;
+        }
+        let r = if cfg.leaf(&l.device).is_none() {
+            Err(format!(
+                "device: '{}' is not a leaf of this config (luks sections open leaves)",
+                l.device
+            ))
+        } else {
+            l.open(engine)
+        };
+        if let Err(msg) = r {
+            cx.error(Some(l.line), section, ErrorKind::Engine(msg));
+            bad_vol.insert(l.name.clone(), "failed");
+        }
+    }
 }
 
 /// Something a table names.
@@ -795,7 +878,27 @@ pub fn build_on(cfg: &Config, engine: Engine) -> Result<Built, ConfigErrors> {
         errors: Vec::new(),
         broken: BTreeSet::new(),
     };
-    build_in(cfg, &BTreeSet::new(), engine, &mut cx).ok_or_else(|| sorted(cx.errors))
+    let built = build_in(cfg, &BTreeSet::new(), engine, &mut cx);
+    if cx.errors.is_empty() {
+        Ok(built)
+    } else {
+        Err(sorted(cx.errors))
+    }
+}
+
+/// [`build_on`] for a daemon's start: a leaf that cannot be opened, a LUKS volume that cannot
+/// be unlocked, a table the engine refuses do not stop the rest. What failed is in
+/// `Built::failed` (with why), and every error in the list returned beside it.
+pub fn build_degraded(cfg: &Config, engine: Engine) -> (Built, ConfigErrors) {
+    let mut cx = Cx {
+        path: cfg.path.as_deref(),
+        text: "",
+        lines: Lines::new(""),
+        errors: Vec::new(),
+        broken: BTreeSet::new(),
+    };
+    let built = build_in(cfg, &BTreeSet::new(), engine, &mut cx);
+    (built, sorted(cx.errors))
 }
 
 /// Parses and builds config text, reporting every error in the file and in the stack it
@@ -817,9 +920,11 @@ pub fn check_text(
     };
     let broken = std::mem::take(&mut cx.broken);
     let engine = Engine::new(stackbd_targets::registry(), reactor);
-    match build_in(&cfg, &broken, engine, &mut cx) {
-        Some(b) if cx.errors.is_empty() => Ok(b),
-        _ => Err(sorted(cx.errors)),
+    let built = build_in(&cfg, &broken, engine, &mut cx);
+    if cx.errors.is_empty() {
+        Ok(built)
+    } else {
+        Err(sorted(cx.errors))
     }
 }
 

@@ -2,4 +2,6 @@
 //! stack it describes.
 
 pub mod config;
+pub mod crypttab;
+
 pub mod daemon;

@@ -10,12 +10,13 @@ pub enum Section {
     Leaf(String),
     Volume(String),
     Export(String),
+    Luks(String),
 }
 
 impl Section {
     pub fn name(&self) -> &str {
         match self {
-            Section::Leaf(n) | Section::Volume(n) | Section::Export(n) => n,
+            Section::Leaf(n) | Section::Volume(n) | Section::Export(n) | Section::Luks(n) => n,
         }
     }
 
@@ -24,6 +25,7 @@ impl Section {
             Section::Leaf(_) => "leaf",
             Section::Volume(_) => "volume",
             Section::Export(_) => "export",
+            Section::Luks(_) => "luks",
         }
     }
 }

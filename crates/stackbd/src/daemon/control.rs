@@ -43,6 +43,7 @@ mod conns;
 mod exports;
 mod leaf_message;
 mod leaves;
+mod luks;
 mod query;
 mod request;
 mod stats;
@@ -71,7 +72,7 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ("remove", &["name", "force"]),
     ("ls", &["tree"]),
     ("info", &["name"]),
-    ("table", &["name", "inactive"]),
+    ("table", &["name", "inactive", "showkeys"]),
     ("status", &["name"]),
     ("queue", &["name", "scheduler", "nr_requests"]),
     ("message", &["name", "sector", "argv"]),
@@ -80,6 +81,7 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     // Besides these, leaf_add takes the kind's parameters as fields (see [`OPEN_COMMANDS`]).
     ("leaf_add", &["name", "kind", "params"]),
     ("leaf_rm", &["name"]),
+    ("leaf_retry", &["name"]),
     ("leaf_ls", &[]),
     ("leaf_message", &["name", "argv"]),
     ("export_add", &["volume", "name", "read_only"]),
@@ -92,6 +94,19 @@ pub const COMMANDS: &[(&str, &[&str])] = &[
     ),
     ("copy_status", &["id"]),
     ("copy_cancel", &["id"]),
+    (
+        "luks_open",
+        &[
+            "name",
+            "device",
+            "path",
+            "key_file",
+            "passphrase_file",
+            "key_slot",
+            "allow_discards",
+        ],
+    ),
+    ("luks_close", &["name"]),
     ("ping", &[]),
     ("shutdown", &[]),
 ];
@@ -406,11 +421,14 @@ fn handle_with(d: &Daemon, req: &Value, gone: &dyn Fn() -> bool) -> Result<Value
         "leaf_add" => leaves::leaf_add(d, &r),
         "leaf_message" => leaf_message::leaf_message(d, &r),
         "leaf_rm" => leaves::leaf_rm(d, &r),
+        "leaf_retry" => leaves::leaf_retry(d, &r),
         "leaf_ls" => leaves::leaf_ls(d),
         "export_add" => exports::export_add(d, &r),
         "export_rm" => exports::export_rm(d, &r),
         "export_ls" => exports::export_ls(d),
         "stats" => stats::stats(d, &r),
+        "luks_open" => luks::luks_open(d, &r),
+        "luks_close" => luks::luks_close(d, &r),
         other => Err(format!("command '{other}' is listed but not handled")),
     }
 }

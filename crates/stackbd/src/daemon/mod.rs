@@ -6,6 +6,7 @@
 pub mod control;
 pub mod listen;
 pub mod nbd;
+pub mod pending;
 pub mod shutdown;
 pub mod state;
 pub mod trust;
@@ -106,10 +107,19 @@ pub struct Daemon {
     /// them back as they are. Changed together with the engine's leaves, with the engine lock
     /// held (lock order: `engine`, then this); never held across a blocking call.
     pub leaf_params: Mutex<LeafTable>,
+    /// The LUKS volumes opened from a header, by volume name, as the state file writes them
+    /// back. Lock order: `engine`, `leaf_params`, then this.
+    pub luks: Mutex<LuksTable>,
+    /// What could not be brought up at start, with why; kept, shown and retried (see
+    /// [`pending`]).
+    pub pending: Mutex<crate::config::Failed>,
 }
 
 /// Leaf name -> the parameters it was built from.
 pub type LeafTable = std::collections::BTreeMap<String, LeafParams>;
+
+/// Volume name -> the LUKS section it was opened from.
+pub type LuksTable = std::collections::BTreeMap<String, crate::crypttab::LuksDecl>;
 
 impl Daemon {
     /// Writes the state file (atomically); logs and carries on if it cannot. Called with the
@@ -120,7 +130,12 @@ impl Daemon {
                 .leaf_params
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Err(e) = state::save(dir, engine, &leaves, &self.exports) {
+            let luks = self
+                .luks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pending = self.pending();
+            if let Err(e) = state::save(dir, engine, &leaves, &luks, &self.exports, &pending) {
                 eprintln!("stackbd: cannot write state to {}: {e}", dir.display());
             }
         }
@@ -197,6 +212,15 @@ fn load_config(args: &ServeArgs) -> Result<(config::Config, String), String> {
     if let Some(dir) = &args.state_dir {
         let p = state::path(dir);
         if p.exists() {
+            if let Some(cfg) = &args.config {
+                eprintln!(
+                    "stackbd: --config {} is not read: the state file {} wins (it holds what \
+                     the daemon ran last); to start from the config again, move the state \
+                     file away",
+                    cfg.display(),
+                    p.display()
+                );
+            }
             let c = config::load(&p).map_err(|e| e.to_string())?;
             return Ok((c, format!("state {}", p.display())));
         }
@@ -245,7 +269,13 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     };
     let engine = Engine::with_threads(stackbd_targets::registry(), rt)
         .map_err(|e| format!("cannot start reactors: {e}"))?;
-    let built = config::build_on(&cfg, engine).map_err(|e| e.to_string())?;
+    // A leaf that cannot be opened (or what stands on it) does not stop the rest: it is kept,
+    // shown with why, and retried.
+    let (built, errors) = config::build_degraded(&cfg, engine);
+    for e in &errors {
+        eprintln!("stackbd: {e}");
+    }
+    let mut failed = built.failed;
     let mut engine = built.engine;
     let attacher = engine.threads().expect("threaded engine").attacher();
     if let Some(dir) = &args.state_dir {
@@ -270,12 +300,34 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
                 .map(|l| (l.name.clone(), l.params.clone()))
                 .collect(),
         ),
+        luks: Mutex::new(
+            cfg.luks
+                .iter()
+                .filter(|l| !failed.luks.iter().any(|(f, _)| f.name == l.name))
+                .map(|l| (l.name.clone(), l.clone()))
+                .collect(),
+        ),
+        pending: Mutex::new(crate::config::Failed::default()),
     });
     for x in &cfg.exports {
-        daemon
-            .add_export(&mut engine, &x.name, &x.volume, x.read_only)
-            .map_err(|e| format!("export '{}': {e}", x.name))?;
+        if let Err(e) = daemon.add_export(&mut engine, &x.name, &x.volume, x.read_only) {
+            eprintln!("stackbd: export '{}': {e}", x.name);
+            failed.exports.push((x.clone(), e));
+        }
     }
+    if !failed.is_empty() {
+        eprintln!(
+            "stackbd: starting degraded: {} leaves, {} LUKS volumes, {} volumes and {} exports \
+             could not be brought up; they are kept, shown by `stackbd leaf ls` and `stackbd \
+             ls`, and retried every {} s (or now: `stackbd leaf retry`)",
+            failed.leaves.len(),
+            failed.luks.len(),
+            failed.volumes.len(),
+            failed.exports.len(),
+            pending::RETRY_EVERY.as_secs()
+        );
+    }
+    *daemon.pending() = failed;
     daemon.save(&engine);
     *lock_engine(&daemon) = engine;
 
@@ -330,10 +382,26 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         control_path.display()
     );
 
+    let mut retried = Instant::now();
+    let mut retrier: Option<std::thread::JoinHandle<()>> = None;
     while !daemon.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         // Suspend deadlines are the control plane's to enforce.
         lock_engine(&daemon).poll();
+        // What failed is retried on its own thread (opening a leaf may block).
+        if retried.elapsed() >= pending::RETRY_EVERY
+            && retrier.as_ref().is_none_or(|j| j.is_finished())
+            && !daemon.pending().is_empty()
+        {
+            retried = Instant::now();
+            let d = daemon.clone();
+            retrier = std::thread::Builder::new()
+                .name("retry".into())
+                .spawn(move || {
+                    d.retry_pending(None);
+                })
+                .ok();
+        }
     }
 
     // Clean stop: no new connections, held I/O goes on, in-flight I/O drains (within a

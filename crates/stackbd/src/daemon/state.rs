@@ -6,7 +6,8 @@
 //! the disk.
 
 use super::nbd::ExportTable;
-use super::LeafTable;
+use super::{LeafTable, LuksTable};
+use crate::config::Failed;
 use stackbd_core::Engine;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,8 +32,16 @@ fn key(s: &str) -> String {
     }
 }
 
-/// Renders the engine's state as a config file.
-pub fn render(engine: &Engine, leaves: &LeafTable, exports: &ExportTable) -> String {
+/// Renders the engine's state as a config file. A LUKS volume is written as its `[luks.NAME]`
+/// section (where its key file is), never as its table (which holds the volume key).
+/// What failed at start and waits (`pending`) is written too, so a restart still has it.
+pub fn render(
+    engine: &Engine,
+    leaves: &LeafTable,
+    luks: &LuksTable,
+    exports: &ExportTable,
+    pending: &Failed,
+) -> String {
     let mut out = String::from(
         "# stackbd state: written by the daemon on every change; a valid config file\n",
     );
@@ -47,8 +56,29 @@ pub fn render(engine: &Engine, leaves: &LeafTable, exports: &ExportTable) -> Str
             None => out.push_str(&format!("\n# leaf {name}: parameters unknown\n")),
         }
     }
+    for (l, why) in &pending.leaves {
+        out.push_str(&format!(
+            "\n# failed at start: {}\n[leaf.{}]\n{}",
+            one_line(why),
+            key(&l.name),
+            l.params.to_toml()
+        ));
+    }
+    for (l, why) in &pending.luks {
+        out.push_str(&format!(
+            "\n# failed at start: {}\n[luks.{}]\n{}",
+            one_line(why),
+            key(&l.name),
+            l.to_toml()
+        ));
+    }
     for (name, is_volume) in &devices {
-        if !*is_volume {
+        if let (true, Some(l)) = (*is_volume, luks.get(name)) {
+            out.push_str(&format!("\n[luks.{}]\n{}", key(name), l.to_toml()));
+        }
+    }
+    for (name, is_volume) in &devices {
+        if !*is_volume || luks.contains_key(name) {
             continue;
         }
         let table = engine.table(name, false).unwrap_or_default();
@@ -71,6 +101,30 @@ pub fn render(engine: &Engine, leaves: &LeafTable, exports: &ExportTable) -> Str
             }
         }
     }
+    for (v, why) in &pending.volumes {
+        out.push_str(&format!(
+            "\n# failed at start: {}\n[volume.{}]\ntable = \"\"\"\n{}\n\"\"\"\n",
+            one_line(why),
+            key(&v.name),
+            v.table.trim_end()
+        ));
+        if v.queue != stackbd_core::QueueOpts::default() {
+            out.push_str(&format!(
+                "scheduler = {}\nnr_requests = {}\n",
+                quote(&v.queue.scheduler.to_string()),
+                v.queue.nr_requests
+            ));
+        }
+    }
+    for (x, why) in &pending.exports {
+        out.push_str(&format!(
+            "\n# failed at start: {}\n[export.{}]\nvolume = {}\nread_only = {}\n",
+            one_line(why),
+            key(&x.name),
+            quote(&x.volume),
+            x.read_only
+        ));
+    }
     for e in exports.all() {
         out.push_str(&format!(
             "\n[export.{}]\nvolume = {}\nread_only = {}\n",
@@ -87,17 +141,32 @@ pub fn save(
     dir: &Path,
     engine: &Engine,
     leaves: &LeafTable,
+    luks: &LuksTable,
     exports: &ExportTable,
+    pending: &Failed,
 ) -> std::io::Result<()> {
-    let text = render(engine, leaves, exports);
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = render(engine, leaves, luks, exports, pending);
     let final_path = path(dir);
     let tmp = dir.join(".state.toml.tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Only its user reads it: it names key files and may hold tables with keys in them.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, &final_path)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// A reason as one comment line.
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
 }

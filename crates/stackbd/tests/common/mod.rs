@@ -40,6 +40,7 @@ fn package_of(tool: &str) -> &'static str {
         "mkfs.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
         "losetup" | "mount" | "umount" => "util-linux",
         "python3" => "python3-libnbd",
+        "cryptsetup" => "cryptsetup-bin",
         _ => "?",
     }
 }

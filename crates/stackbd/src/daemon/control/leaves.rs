@@ -34,8 +34,35 @@ pub(super) fn leaf_add(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(name.to_string(), params);
-    changed(d, &e, false);
-    Ok(json!({"leaf": leaf_json(d, &e, name)?}))
+    // Adding a leaf that failed at start replaces it; what waited on it comes up now.
+    d.pending().leaves.retain(|(l, _)| l.name != name);
+    let up = d.bring_up_dependents(&mut e);
+    changed(d, &e, !up.is_empty());
+    Ok(json!({"leaf": leaf_json(d, &e, name)?, "brought_up": up}))
+}
+
+/// `leaf_retry {name?}`: opens again a leaf that failed at start (every one without a name),
+/// and brings up what waited on it. Blocks while leaves open (not under the engine lock).
+pub(super) fn leaf_retry(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
+    let name = r.opt_string("name")?;
+    if let Some(n) = name {
+        if !d.pending().leaves.iter().any(|(l, _)| l.name == n) {
+            return Err(if engine(d).dev_id(n).is_ok() {
+                format!("leaf '{n}' has not failed: nothing to retry")
+            } else {
+                format!("no failed leaf '{n}' (stackbd leaf ls lists them)")
+            });
+        }
+    }
+    let up = d.retry_pending(name);
+    let still = d
+        .pending()
+        .leaves
+        .iter()
+        .filter(|(l, _)| name.is_none_or(|n| n == l.name))
+        .map(|(l, why)| json!({"name": l.name, "error": why}))
+        .collect::<Vec<_>>();
+    Ok(json!({"brought_up": up, "still_failed": still}))
 }
 
 /// The kind's parameters of a `leaf_add`, parsed by the registry; paths must be absolute.
@@ -92,6 +119,16 @@ fn param_error(cmd: &str, kind: &Kind, e: &ParamError) -> String {
 pub(super) fn leaf_rm(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let mut e = engine(d);
+    {
+        // A leaf that failed at start: forget it (what waits on it keeps waiting).
+        let mut p = d.pending();
+        if let Some(i) = p.leaves.iter().position(|(l, _)| l.name == name) {
+            p.leaves.remove(i);
+            drop(p);
+            changed(d, &e, false);
+            return Ok(json!({ "removed": name, "was_failed": true }));
+        }
+    }
     e.remove_leaf(name).map_err(es)?;
     d.leaf_params
         .lock()
@@ -110,6 +147,19 @@ pub(super) fn leaf_ls(d: &Daemon) -> Result<Value, String> {
         .filter(|(_, is_volume)| !is_volume)
         .map(|(n, _)| leaf_json(d, &e, &n))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut leaves = leaves;
+    // Leaves that failed at start, with why: kept, and retried.
+    for (l, why) in &d.pending().leaves {
+        leaves.push(json!({
+            "name": l.name,
+            "kind": l.params.kind_name(),
+            "state": "failed",
+            "error": why,
+            "params": serde_json::to_value(l.params.table()).unwrap_or(Value::Null),
+            "args": l.params.summary(),
+            "used_by": [],
+        }));
+    }
     Ok(json!({ "leaves": leaves }))
 }
 

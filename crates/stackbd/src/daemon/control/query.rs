@@ -37,9 +37,28 @@ pub(super) fn ls(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
             json!({"name": n, "volume": is_volume, "kind": kind, "sectors": sectors})
         })
         .collect();
+    // What failed at start is listed too, with why.
+    let mut devices = devices;
+    let mut tree = if r.flag("tree")? { Some(e.tree()) } else { None };
+    {
+        let p = d.pending();
+        let failed = p
+            .leaves
+            .iter()
+            .map(|(l, why)| (l.name.as_str(), false, l.params.kind_name(), why))
+            .chain(p.luks.iter().map(|(l, why)| (l.name.as_str(), true, "volume", why)))
+            .chain(p.volumes.iter().map(|(v, why)| (v.name.as_str(), true, "volume", why)));
+        for (name, is_volume, kind, why) in failed {
+            devices.push(json!({"name": name, "volume": is_volume, "kind": kind,
+                "sectors": 0, "failed": why}));
+            if let Some(t) = tree.as_mut() {
+                t.push_str(&format!("{name} (failed at start: {why})\n"));
+            }
+        }
+    }
     let mut out = json!({ "devices": devices });
-    if r.flag("tree")? {
-        out["tree"] = json!(e.tree());
+    if let Some(t) = tree {
+        out["tree"] = json!(t);
     }
     Ok(out)
 }
@@ -48,6 +67,9 @@ pub(super) fn ls(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
 pub(super) fn info(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let e = engine(d);
+    if e.dev_id(name).is_err() {
+        failed_at_start(d, name)?;
+    }
     Ok(json!({"info": volume_info(d, &e, name)?}))
 }
 
@@ -55,8 +77,16 @@ pub(super) fn info(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
 pub(super) fn table(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let inactive = r.flag("inactive")?;
+    let showkeys = r.flag("showkeys")?;
     let e = engine(d);
-    Ok(json!({"table": e.table(name, inactive).map_err(es)?, "inactive": inactive}))
+    let text = e.table(name, inactive).map_err(es)?;
+    // As dmsetup: crypt keys print as zeros unless asked for (key references print as is).
+    let text = if showkeys {
+        text
+    } else {
+        crate::crypttab::mask_keys(&text)
+    };
+    Ok(json!({"table": text, "inactive": inactive}))
 }
 
 /// `status {name}`: the status of the targets of a volume's live table.
@@ -109,5 +139,24 @@ pub(super) fn wait(d: &Daemon, r: &Req<'_>, gone: &dyn Fn() -> bool) -> Result<V
             }
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The error for a name that failed at start and waits to be retried; `Ok` if it did not.
+fn failed_at_start(d: &Daemon, name: &str) -> Result<(), String> {
+    let p = d.pending();
+    let why = p
+        .volumes
+        .iter()
+        .map(|(v, w)| (&v.name, w))
+        .chain(p.luks.iter().map(|(l, w)| (&l.name, w)))
+        .chain(p.leaves.iter().map(|(l, w)| (&l.name, w)))
+        .find(|(n, _)| *n == name);
+    match why {
+        Some((_, w)) => Err(format!(
+            "'{name}' failed at start: {w} (retried every {} s; `stackbd leaf retry` retries now)",
+            crate::daemon::pending::RETRY_EVERY.as_secs()
+        )),
+        None => Ok(()),
     }
 }

@@ -85,6 +85,18 @@ pub(super) fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let force = r.flag("force")?;
     let mut e = engine(d);
+    {
+        // A volume that failed at start: forget it.
+        let mut p = d.pending();
+        let before = p.volumes.len() + p.luks.len();
+        p.volumes.retain(|(v, _)| v.name != name);
+        p.luks.retain(|(l, _)| l.name != name);
+        if p.volumes.len() + p.luks.len() != before {
+            drop(p);
+            changed(d, &e, false);
+            return Ok(json!({"removed": name, "was_failed": true, "exports_removed": []}));
+        }
+    }
     e.info(name).map_err(es)?;
     let exports: Vec<ExportEntry> = d
         .exports
@@ -115,6 +127,11 @@ pub(super) fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     for x in &exports {
         x.revoke();
     }
+    // A LUKS volume removed by plain `remove` is gone from the state too.
+    d.luks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(name);
     changed(d, &e, false);
     Ok(json!({
         "removed": name,
