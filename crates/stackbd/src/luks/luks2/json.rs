@@ -162,7 +162,8 @@ impl P {
     }
 
     fn get<'a>(&self, m: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a Value, LuksError> {
-        m.get(key).ok_or_else(|| self.err(&format!("{path}.{key}"), "missing"))
+        let full = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+        m.get(key).ok_or_else(|| self.err(&full, "missing"))
     }
 
     fn str<'a>(&self, m: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a str, LuksError> {
