@@ -3,5 +3,5 @@
 
 pub mod config;
 pub mod crypttab;
-
 pub mod daemon;
+pub mod luks;

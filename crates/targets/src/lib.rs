@@ -1,5 +1,6 @@
 //! Bio-based targets. Each module is one table target type, with dmsetup's arguments.
 
+pub mod crypt;
 pub mod delay;
 pub mod dust;
 pub mod error;
