@@ -181,9 +181,7 @@ pub fn unlock<D: ReadAt + ?Sized>(
         tracing::warn!("LUKS header: {w}");
     }
     let params = h.crypt_params().map_err(|e| e.to_string())?;
-    let key = h
-        .unlock(dev, passphrase, slot)
-        .map_err(|e| e.to_string())?;
+    let key = h.unlock(dev, passphrase, slot).map_err(|e| e.to_string())?;
     Ok(Unlocked {
         params,
         key,
@@ -335,7 +333,12 @@ mod tests {
         std::fs::write(&p, b"\n").unwrap();
         let e = KeySource::PassphraseFile(p.clone()).read().unwrap_err();
         assert!(e.contains("empty passphrase"), "{e}");
-        let e = KeySource::KeyFile(dir.path().join("gone")).read().unwrap_err();
-        assert!(e.contains("cannot read key_file") && e.contains("gone"), "{e}");
+        let e = KeySource::KeyFile(dir.path().join("gone"))
+            .read()
+            .unwrap_err();
+        assert!(
+            e.contains("cannot read key_file") && e.contains("gone"),
+            "{e}"
+        );
     }
 }

@@ -36,7 +36,11 @@ fn image(dir: &Path, name: &str, mib: u64) -> (PathBuf, PathBuf) {
 /// `cryptsetup luksFormat` with cheap KDF settings; `extra` picks type, sector size, pbkdf.
 fn luks_format(img: &Path, key: &Path, extra: &[&str]) {
     let mut c = cryptsetup();
-    c.arg("luksFormat").args(extra).arg("--key-file").arg(key).arg(img);
+    c.arg("luksFormat")
+        .args(extra)
+        .arg("--key-file")
+        .arg(key)
+        .arg(img);
     run_ok(&mut c, QUICK);
 }
 
@@ -193,12 +197,7 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         what: "LUKS1, pbkdf2",
-        args: &[
-            "--type",
-            "luks1",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
+        args: &["--type", "luks1", "--pbkdf-force-iterations", "1000"],
         data_offset: 2 * MIB,
         sector: 512,
         iv_large: false,
@@ -317,7 +316,14 @@ fn stackbd(args: &[&str]) -> Command {
 fn stackbd_luks_format_makes_images_cryptsetup_accepts() {
     let dir = tempdir();
     for (i, extra) in [
-        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--sector-size", "512"][..],
+        &[
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--sector-size",
+            "512",
+        ][..],
         &[
             "--pbkdf",
             "argon2id",
@@ -360,7 +366,11 @@ fn stackbd_luks_format_makes_images_cryptsetup_accepts() {
         drop(d);
         let (sector, large) = if i == 0 { (512, false) } else { (4096, false) };
         let plain = py_decrypt(&img, 16 * MIB, 0, data.len() as u64, &vk, sector, large);
-        assert_same("stackbd-formatted image decrypted by OpenSSL", &plain, &data);
+        assert_same(
+            "stackbd-formatted image decrypted by OpenSSL",
+            &plain,
+            &data,
+        );
     }
 }
 
@@ -408,7 +418,10 @@ fn luks_open_restart_and_a_missing_key_file() {
     d.signal("TERM");
     assert!(d.wait_exit(SLOW).success());
     let saved = std::fs::read_to_string(state.join("state.toml")).unwrap();
-    assert!(!saved.contains(&hex), "the state file holds the key:\n{saved}");
+    assert!(
+        !saved.contains(&hex),
+        "the state file holds the key:\n{saved}"
+    );
     assert!(saved.contains("[luks.secret]"), "{saved}");
 
     // Restart: the volume comes back, data intact.

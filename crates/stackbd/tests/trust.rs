@@ -432,6 +432,48 @@ fn closed_within(s: &UnixStream, within: Duration) -> bool {
     }
 }
 
+/// Raises this process's open-file limit to at least `n` (up to the hard limit).
+fn raise_nofile(n: u64) -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    let want = match l.maximum {
+        Some(max) => n.min(max),
+        None => n,
+    };
+    if l.current.is_some_and(|c| c < want) {
+        l.current = Some(want);
+        setrlimit(Resource::Nofile, l).expect("raise RLIMIT_NOFILE");
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// The figure: 10,000 idle connections (with the default cap) and the CLI still works.
+#[test]
+fn ten_thousand_idle_control_connections_do_not_stop_the_cli() {
+    const N: usize = 10_000;
+    let limit = raise_nofile(N as u64 + 512);
+    assert!(
+        limit >= N as u64 + 256,
+        "this test needs {} open files; the hard limit allows {limit}",
+        N + 256
+    );
+    // The daemon gets a common default limit (1024 files): without its cap, 10,000
+    // connections would exhaust it.
+    let dir = tempdir();
+    let control = dir.path().join("c.sock");
+    let s = Serve::start_in(dir, control, "ulimit -n 1024;", &[]);
+    let idle: Vec<UnixStream> = (0..N).map(|_| idle_conn(&s.control)).collect();
+    let t = Instant::now();
+    let o = s.ls();
+    assert!(o.status.success(), "the CLI was stopped: {}", stderr(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the CLI waited {:?} behind {N} idle connections",
+        t.elapsed()
+    );
+    drop(idle);
+}
+
 #[test]
 fn idle_control_connections_over_the_cap_do_not_stop_the_cli() {
     let s = Serve::start(&["--control-max-conns", "8", "--control-idle-timeout", "60"]);

@@ -201,7 +201,9 @@ fn format(cmd: &LuksCmd) -> Result<String, String> {
     };
     let pass = source.read()?;
     if key_size % 8 != 0 {
-        return Err(format!("--key-size {key_size}: not a whole number of bytes"));
+        return Err(format!(
+            "--key-size {key_size}: not a whole number of bytes"
+        ));
     }
     let defaults = stackbd::luks::FormatOptions::default();
     let kdf = match pbkdf {

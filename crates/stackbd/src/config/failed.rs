@@ -1,7 +1,7 @@
 //! What a degraded build could not bring up: the declarations, each with why, so the daemon can
 //! keep them (in its state file, in `leaf ls` and `ls`) and retry them later.
 
-use super::{ConfigError, Config, ExportDecl, LeafDecl, Section, VolumeDecl};
+use super::{Config, ConfigError, ExportDecl, LeafDecl, Section, VolumeDecl};
 use crate::crypttab::LuksDecl;
 use std::collections::HashMap;
 

@@ -83,7 +83,12 @@ impl VolumeKey {
 
 impl std::fmt::Debug for VolumeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VolumeKey({} bytes, keyslot {:?})", self.bytes.len(), self.keyslot)
+        write!(
+            f,
+            "VolumeKey({} bytes, keyslot {:?})",
+            self.bytes.len(),
+            self.keyslot
+        )
     }
 }
 

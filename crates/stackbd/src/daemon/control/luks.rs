@@ -134,13 +134,7 @@ fn absolute(r: &Req<'_>, field: &str, p: &str) -> Result<PathBuf, String> {
 fn image_leaf(
     name: &str,
     p: &std::path::Path,
-) -> Result<
-    (
-        registry::LeafParams,
-        std::sync::Arc<dyn stackbd_core::Leaf>,
-    ),
-    String,
-> {
+) -> Result<(registry::LeafParams, std::sync::Arc<dyn stackbd_core::Leaf>), String> {
     let mut t = toml::Table::new();
     t.insert(
         "path".into(),

@@ -39,15 +39,27 @@ pub(super) fn ls(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
         .collect();
     // What failed at start is listed too, with why.
     let mut devices = devices;
-    let mut tree = if r.flag("tree")? { Some(e.tree()) } else { None };
+    let mut tree = if r.flag("tree")? {
+        Some(e.tree())
+    } else {
+        None
+    };
     {
         let p = d.pending();
         let failed = p
             .leaves
             .iter()
             .map(|(l, why)| (l.name.as_str(), false, l.params.kind_name(), why))
-            .chain(p.luks.iter().map(|(l, why)| (l.name.as_str(), true, "volume", why)))
-            .chain(p.volumes.iter().map(|(v, why)| (v.name.as_str(), true, "volume", why)));
+            .chain(
+                p.luks
+                    .iter()
+                    .map(|(l, why)| (l.name.as_str(), true, "volume", why)),
+            )
+            .chain(
+                p.volumes
+                    .iter()
+                    .map(|(v, why)| (v.name.as_str(), true, "volume", why)),
+            );
         for (name, is_volume, kind, why) in failed {
             devices.push(json!({"name": name, "volume": is_volume, "kind": kind,
                 "sectors": 0, "failed": why}));
