@@ -22,6 +22,7 @@ pub fn register_all(r: &mut TargetRegistry) {
     r.register("error", error::Error::ctor);
     r.register("flakey", flakey::Flakey::ctor);
     r.register("dust", dust::Dust::ctor);
+    r.register("crypt", crypt::Crypt::ctor);
 }
 
 /// A registry with every built-in target.
