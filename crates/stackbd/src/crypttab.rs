@@ -250,7 +250,7 @@ impl ReadAt for DevReader<'_> {
         while at < last {
             let n = (last - at).min(chunk.len() as u64 / ss);
             let piece = &mut chunk[..(n * ss) as usize];
-            let st = self.engine.read_at(self.dev, at, piece);
+            let st = crate::devio::read_sectors(self.engine, self.dev, at, piece);
             if !st.is_ok() {
                 return Err(std::io::Error::other(format!(
                     "read of sector {at} failed: {st:?}"

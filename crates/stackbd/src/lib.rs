@@ -4,4 +4,5 @@
 pub mod config;
 pub mod crypttab;
 pub mod daemon;
+pub mod devio;
 pub mod luks;

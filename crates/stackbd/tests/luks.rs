@@ -430,16 +430,33 @@ fn luks_open_restart_and_a_missing_key_file() {
     assert_same("after a restart", &got, &data);
     drop(d);
 
-    // Without its key file, the start says which key it lacks.
-    std::fs::remove_file(&key).unwrap();
-    let mut c = stackbd(&["serve", "--listen", "none", "--state-dir"]);
-    c.arg(&state)
-        .arg("--control")
-        .arg(dir.path().join("c2.sock"));
-    let out = run(&mut c, QUICK);
-    let text = format!("{}{}", out.stdout, out.stderr);
+    // Without its key file, the daemon starts, says which key it lacks, keeps the LUKS
+    // volume (and its export) waiting, and brings it up once the key file is back.
+    let aside = dir.path().join("r.key.aside");
+    std::fs::rename(&key, &aside).unwrap();
+    let d = Daemon::start(opts.clone());
+    let log = d.log_text();
     assert!(
-        text.contains("luks.secret") && text.contains(key.to_str().unwrap()),
-        "no clear message about the missing key file:\n{text}"
+        log.contains("[luks.secret]") && log.contains(key.to_str().unwrap()),
+        "no clear message about the missing key file:\n{log}"
     );
+    let info = d.control(&json!({"v": 1, "cmd": "info", "name": "secret"}));
+    let err = info["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("failed at start") && err.contains(key.to_str().unwrap()),
+        "{info}"
+    );
+    let saved = std::fs::read_to_string(state.join("state.toml")).unwrap();
+    assert!(
+        saved.contains("[luks.secret]"),
+        "dropped while waiting:\n{saved}"
+    );
+    std::fs::rename(&aside, &key).unwrap();
+    let r = d.control(&json!({"v": 1, "cmd": "leaf_retry"}));
+    assert!(
+        r["brought_up"].to_string().contains("secret"),
+        "the LUKS volume did not come up with its key file back: {r}"
+    );
+    let got = nbd_read(&d.uri("secret"), 4096, data.len(), dir.path());
+    assert_same("after the key file came back", &got, &data);
 }
