@@ -166,3 +166,18 @@ pub(super) fn errno_status(e: Errno) -> Status {
         Errno::Eshutdown => Status::PathError,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_target_statuses() {
+        assert_eq!(errno_status(Errno::Eio), Status::IoError);
+        assert_eq!(errno_status(Errno::Enospc), Status::NoSpace);
+        assert_eq!(errno_status(Errno::Einval), Status::Invalid);
+        assert_eq!(errno_status(Errno::Eperm), Status::Invalid);
+        assert_eq!(errno_status(Errno::Enotsup), Status::NotSupported);
+        assert_eq!(errno_status(Errno::Other(77)), Status::Invalid);
+    }
+}

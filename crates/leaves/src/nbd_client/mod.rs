@@ -445,14 +445,4 @@ mod tests {
         assert!(NbdUri::parse("http://x").is_err());
         assert!(NbdUri::parse("nbd:///x").is_err());
     }
-
-    #[test]
-    fn errors_map_to_target_statuses() {
-        assert_eq!(errno_status(Errno::Eio), Status::IoError);
-        assert_eq!(errno_status(Errno::Enospc), Status::NoSpace);
-        assert_eq!(errno_status(Errno::Einval), Status::Invalid);
-        assert_eq!(errno_status(Errno::Eperm), Status::Invalid);
-        assert_eq!(errno_status(Errno::Enotsup), Status::NotSupported);
-        assert_eq!(errno_status(Errno::Other(77)), Status::Invalid);
-    }
 }
