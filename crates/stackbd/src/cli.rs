@@ -752,10 +752,16 @@ fn render(v: &Verb, r: &Value) -> String {
             if leaves.is_empty() {
                 return "No leaves\n".into();
             }
-            let mut rows = vec![["NAME", "KIND", "SECTORS", "SIZE", "USED BY", "PARAMS"]
-                .map(String::from)
-                .to_vec()];
+            let mut rows = vec![[
+                "NAME", "KIND", "STATE", "SECTORS", "SIZE", "USED BY", "PARAMS",
+            ]
+            .map(String::from)
+            .to_vec()];
+            let mut notes = String::new();
             for l in leaves {
+                if let Some(err) = l.get("error").and_then(Value::as_str) {
+                    notes += &format!("{}: {}: {err}{}\n", s(l, "name"), s(l, "state"), ago(l));
+                }
                 let users: Vec<&str> = list(l, "used_by")
                     .iter()
                     .filter_map(Value::as_str)
@@ -763,6 +769,7 @@ fn render(v: &Verb, r: &Value) -> String {
                 rows.push(vec![
                     s(l, "name").into(),
                     s(l, "kind").into(),
+                    s(l, "state").into(),
                     n(l, "sectors").to_string(),
                     human_bytes(n(l, "bytes")),
                     if users.is_empty() {
@@ -773,7 +780,7 @@ fn render(v: &Verb, r: &Value) -> String {
                     leaf::params_text(s(l, "kind"), &l["params"]),
                 ]);
             }
-            columns(&rows)
+            columns(&rows) + &notes
         }
         Verb::Export {
             cmd: ExportCmd::Ls { .. },
@@ -799,6 +806,13 @@ fn render(v: &Verb, r: &Value) -> String {
         // Changes print nothing, as dmsetup's do.
         _ => String::new(),
     }
+}
+
+/// " (for N s)": how long a leaf has been in its state, if the reply says.
+fn ago(l: &Value) -> String {
+    l.get("for_s")
+        .and_then(Value::as_f64)
+        .map_or(String::new(), |t| format!(" (for {t:.0} s)"))
 }
 
 fn stats_text(r: &Value) -> String {
@@ -880,6 +894,28 @@ fn stats_text(r: &Value) -> String {
                 n(v, "targets").to_string(),
                 n(v, "open_count").to_string(),
                 n(v, "event_nr").to_string(),
+            ]);
+        }
+        t += &columns(&rows);
+    }
+    let leaves = list(r, "leaves");
+    if !leaves.is_empty() {
+        t += "\n";
+        let mut rows = vec![["LEAF", "KIND", "STATE", "FOR", "LAST ERROR"]
+            .map(String::from)
+            .to_vec()];
+        for l in leaves {
+            rows.push(vec![
+                s(l, "name").into(),
+                s(l, "kind").into(),
+                s(l, "state").into(),
+                l.get("for_s")
+                    .and_then(Value::as_f64)
+                    .map_or("-".into(), |x| format!("{x:.0} s")),
+                l.get("last_error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("-")
+                    .into(),
             ]);
         }
         t += &columns(&rows);
