@@ -539,7 +539,7 @@ fn leaves_mem_null_and_file() {
     let rows: Vec<Vec<&str>> = ls.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(
         rows[0],
-        ["NAME", "KIND", "SECTORS", "SIZE", "USED", "BY", "PARAMS"]
+        ["NAME", "KIND", "STATE", "SECTORS", "SIZE", "USED", "BY", "PARAMS"]
     );
     let row = |name: &str| {
         rows.iter()
@@ -547,24 +547,24 @@ fn leaves_mem_null_and_file() {
             .unwrap_or_else(|| panic!("{name} in\n{ls}"))
             .clone()
     };
-    assert_eq!(row("mx")[1..4], ["mem", "2097152", "1"]);
-    assert_eq!(row("nx")[1..4], ["null", "131072", "64"]);
+    assert_eq!(row("mx")[1..5], ["mem", "ok", "2097152", "1"]);
+    assert_eq!(row("nx")[1..5], ["null", "ok", "131072", "64"]);
     let fx = row("fx");
-    assert_eq!(fx[1..4], ["file", "4096", "2"]);
-    assert_eq!(fx[5], "-");
+    assert_eq!(fx[1..5], ["file", "ok", "4096", "2"]);
+    assert_eq!(fx[6], "-");
     assert_eq!(
-        fx[6..],
+        fx[7..],
         [
             format!("path=\"{}\"", img.display()).as_str(),
             "direct=false",
             "queue_depth=256"
         ]
     );
-    assert_eq!(row("mx")[6..], ["size=\"1GiB\""]);
+    assert_eq!(row("mx")[7..], ["size=\"1GiB\""]);
 
     // A volume on the file leaf: the leaf cannot go while it is used.
     d.ok(&["create", "onfile", "--table", "0 4096 linear fx 0"]);
-    assert_eq!(row_of(&d.ok(&["leaf", "ls"]), "fx")[5], "onfile");
+    assert_eq!(row_of(&d.ok(&["leaf", "ls"]), "fx")[6], "onfile");
     let err = d.fail(&["leaf", "rm", "fx"]);
     assert!(
         err.contains("'fx' is busy: used by volume 'onfile'"),
