@@ -23,6 +23,10 @@
 //!
 //! In steady state an I/O allocates nothing: slots, backlog, resubmit queue and bounce buffers
 //! are all sized when the channel is made (bounce buffers on first use).
+//!
+//! Health ([`Leaf::health`], see `health.rs`): the backing file is `fstat`ed when the control
+//! plane asks (the daemon does every few seconds): deleted or truncated below the leaf's size is
+//! `failed`; an I/O error in the last 30 s is `degraded`. Channels only record errors.
 
 mod aligned;
 mod health;

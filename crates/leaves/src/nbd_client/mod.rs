@@ -27,6 +27,11 @@
 //! down sees it on its next `submit`/`poll` (one relaxed atomic load, only while a connection
 //! is down) and reconnects at once instead of waiting out its backoff, so a path the checker
 //! reinstated does not fail its next bio with `PathError`.
+//!
+//! Health ([`Leaf::health`], see `health.rs`): `ok` while every channel's connections are up,
+//! `degraded` with some down, `reconnecting` with none up, `failed` once attempts keep failing;
+//! with the last error (request timeout, EOF, reset, or the connect error's text) and when.
+//! Reactors update it only when a connection comes up, is lost or fails to connect.
 
 mod channel;
 mod conn;
