@@ -41,6 +41,90 @@ pub trait Leaf: Send + Sync + fmt::Debug {
     fn message(&self, _argv: &[&str]) -> Result<String, String> {
         Err(format!("{} leaf does not accept messages", self.kind()))
     }
+
+    /// How the leaf is doing: its [`HealthState`], the last error it saw and when.
+    ///
+    /// Contract: the control plane calls it from any thread (the control socket's, the
+    /// daemon's main loop every few seconds), never a reactor and never under the engine lock;
+    /// it may block briefly (a system call such as `fstat`, a lock the data path never takes)
+    /// and allocates the answer. The data path feeds it only on state transitions (a
+    /// connection lost or back, an I/O error), never per I/O, and without any lock a reactor
+    /// could wait on: atomics, or a lock only the control plane and helper threads take. A leaf
+    /// may do its slow checks here (this call is the daemon's slow timer). The default: ok.
+    fn health(&self) -> LeafHealth {
+        LeafHealth::ok()
+    }
+}
+
+/// A leaf's state as the control plane reports it (`leaf ls`, `stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HealthState {
+    /// Serving I/O.
+    Ok,
+    /// Serving, with part of its means lost (some of a remote leaf's connections down).
+    Degraded,
+    /// Its transport is down and it is trying to get it back (I/O fails meanwhile).
+    Reconnecting,
+    /// Not serving: its backing is gone or every attempt to reach it fails.
+    Failed,
+}
+
+impl HealthState {
+    /// `ok`, `degraded`, `reconnecting`, `failed`: the words of `leaf ls` and the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Ok => "ok",
+            HealthState::Degraded => "degraded",
+            HealthState::Reconnecting => "reconnecting",
+            HealthState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for HealthState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What [`Leaf::health`] answers: a snapshot owned by the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafHealth {
+    pub state: HealthState,
+    /// When the leaf entered `state`, if known.
+    pub since: Option<std::time::SystemTime>,
+    /// The last error the leaf saw (it may be older than `state`: a leaf that recovered keeps
+    /// it), and when.
+    pub last_error: Option<(String, std::time::SystemTime)>,
+}
+
+impl LeafHealth {
+    /// Ok, with nothing more known.
+    pub fn ok() -> LeafHealth {
+        LeafHealth {
+            state: HealthState::Ok,
+            since: None,
+            last_error: None,
+        }
+    }
+
+    /// `state` since `since`, with `error` the last error (seen at `since`).
+    pub fn with_error(
+        state: HealthState,
+        error: impl Into<String>,
+        since: std::time::SystemTime,
+    ) -> LeafHealth {
+        LeafHealth {
+            state,
+            since: Some(since),
+            last_error: Some((error.into(), since)),
+        }
+    }
+
+    /// The last error's text, if any.
+    pub fn error(&self) -> Option<&str> {
+        self.last_error.as_ref().map(|(e, _)| e.as_str())
+    }
 }
 
 /// One reactor's queue to a leaf.

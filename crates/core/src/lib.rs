@@ -26,7 +26,7 @@ pub use engine::{
     CopyReport, Engine, EngineError, SuspendOpts, VolumeHandle, VolumeInfo, Wait,
     MAX_DRAIN_TIMEOUT, MAX_SUSPEND_DEADLINE,
 };
-pub use leaf::{Leaf, LeafChannel, LeafCx};
+pub use leaf::{HealthState, Leaf, LeafChannel, LeafCx, LeafHealth};
 pub use limits::Limits;
 pub use reactor::{Completion, Reactor, ReactorConfig, Request};
 pub use rq::{QueueOpts, Scheduler};

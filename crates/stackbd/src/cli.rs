@@ -814,8 +814,8 @@ fn render(v: &Verb, r: &Value) -> String {
             let mut notes = String::new();
             for l in leaves {
                 let state = l.get("state").and_then(Value::as_str).unwrap_or("ok");
-                if let Some(e) = l.get("error").and_then(Value::as_str) {
-                    notes += &format!("{}: {state}: {e}\n", s(l, "name"));
+                if let Some(err) = l.get("error").and_then(Value::as_str) {
+                    notes += &format!("{}: {state}: {err}{}\n", s(l, "name"), ago(l));
                 }
                 let users: Vec<&str> = list(l, "used_by")
                     .iter()
@@ -861,6 +861,13 @@ fn render(v: &Verb, r: &Value) -> String {
         // Changes print nothing, as dmsetup's do.
         _ => String::new(),
     }
+}
+
+/// " (for N s)": how long a leaf has been in its state, if the reply says.
+fn ago(l: &Value) -> String {
+    l.get("for_s")
+        .and_then(Value::as_f64)
+        .map_or(String::new(), |t| format!(" (for {t:.0} s)"))
 }
 
 fn stats_text(r: &Value) -> String {
@@ -942,6 +949,28 @@ fn stats_text(r: &Value) -> String {
                 n(v, "targets").to_string(),
                 n(v, "open_count").to_string(),
                 n(v, "event_nr").to_string(),
+            ]);
+        }
+        t += &columns(&rows);
+    }
+    let leaves = list(r, "leaves");
+    if !leaves.is_empty() {
+        t += "\n";
+        let mut rows = vec![["LEAF", "KIND", "STATE", "FOR", "LAST ERROR"]
+            .map(String::from)
+            .to_vec()];
+        for l in leaves {
+            rows.push(vec![
+                s(l, "name").into(),
+                s(l, "kind").into(),
+                s(l, "state").into(),
+                l.get("for_s")
+                    .and_then(Value::as_f64)
+                    .map_or("-".into(), |x| format!("{x:.0} s")),
+                l.get("last_error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("-")
+                    .into(),
             ]);
         }
         t += &columns(&rows);

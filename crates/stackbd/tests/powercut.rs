@@ -290,5 +290,5 @@ fn bad_powercut_parameters_are_clear_errors() {
     );
     assert!(out.is_empty(), "{out}");
     let ls = cli_ok(&d, &["leaf", "ls"]);
-    assert!(ls.contains("q     powercut  128"), "{ls}");
+    assert!(ls.contains("q     powercut  ok     128"), "{ls}");
 }

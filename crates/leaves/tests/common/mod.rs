@@ -100,6 +100,28 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` to the server process (this test's child, by PID).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain `kill(2)` on our own child's PID; no memory is involved.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed", self.child.id());
+    }
+
+    /// SIGSTOP: the server stalls (its listening socket still queues connections).
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Server::stop`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGKILL and reap: a unix socket file stays behind.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -382,6 +382,7 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         control_path.display()
     );
 
+    spawn_health_poll(daemon.clone());
     let mut retried = Instant::now();
     let mut retrier: Option<std::thread::JoinHandle<()>> = None;
     while !daemon.stop.load(Ordering::Relaxed) {
@@ -469,6 +470,64 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
 /// The engine, also after a panic elsewhere poisoned its lock: every engine call that can
 /// fail on input returns an error before it changes anything (checked arithmetic, bounded
 /// durations), so a poisoned lock still guards a consistent engine.
+/// How often every leaf is asked for its health (the slow timer of the file leaf's checks).
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+/// A thread that asks every leaf for its health every [`HEALTH_EVERY`] and logs each change of
+/// state with the leaf's name and error. Its own thread: a check that blocks (an `fstat` on a
+/// hung filesystem) holds up neither the main loop's suspend deadlines nor the engine lock.
+/// Ends when the daemon stops.
+fn spawn_health_poll(d: Arc<Daemon>) {
+    let spawned = std::thread::Builder::new()
+        .name("leaf-health".into())
+        .spawn(move || {
+            let mut seen = std::collections::HashMap::new();
+            while !d.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(HEALTH_EVERY);
+                poll_leaf_health(&d, &mut seen);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("stackbd: cannot start the leaf health thread: {e}");
+    }
+}
+
+/// Asks every leaf for its health (outside the engine lock) and logs changes from `seen`, the
+/// states seen last time by leaf name (a leaf seen for the first time counts as ok before).
+fn poll_leaf_health(
+    d: &Daemon,
+    seen: &mut std::collections::HashMap<String, stackbd_core::HealthState>,
+) {
+    use stackbd_core::HealthState;
+    let leaves: Vec<(String, Arc<dyn stackbd_core::Leaf>)> = {
+        let e = lock_engine(d);
+        e.ls()
+            .into_iter()
+            .filter(|(_, is_volume)| !is_volume)
+            .filter_map(|(n, _)| Some((e.leaf(&n).ok()?, n)))
+            .map(|(l, n)| (n, l))
+            .collect()
+    };
+    seen.retain(|n, _| leaves.iter().any(|(m, _)| m == n));
+    for (name, leaf) in leaves {
+        let h = leaf.health();
+        let was = seen
+            .insert(name.clone(), h.state)
+            .unwrap_or(HealthState::Ok);
+        if was == h.state {
+            continue;
+        }
+        let err = h.error().unwrap_or("-");
+        if h.state == HealthState::Ok {
+            tracing::info!(leaf = %name, %was, "leaf ok again");
+            eprintln!("stackbd: leaf '{name}' is ok again (was {was}; last error: {err})");
+        } else {
+            tracing::warn!(leaf = %name, state = %h.state, %was, error = err, "leaf health");
+            eprintln!("stackbd: leaf '{name}' is {} (was {was}): {err}", h.state);
+        }
+    }
+}
+
 fn lock_engine(d: &Daemon) -> std::sync::MutexGuard<'_, Engine> {
     d.engine
         .lock()

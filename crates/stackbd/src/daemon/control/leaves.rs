@@ -3,9 +3,10 @@
 use super::{changed, engine, es, Daemon, Req};
 use serde_json::{json, Map, Value};
 use stackbd_core::engine::valid_name;
-use stackbd_core::{Engine, SECTOR_SIZE};
+use stackbd_core::{Engine, HealthState, Leaf, LeafHealth, SECTOR_SIZE};
 use stackbd_leaves::registry::{self, Kind, LeafParams, ParamError};
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `leaf_add {name, kind, params?: {...}, ...}`: the kind's parameters come in `params`, or as
 /// fields beside `kind` (`{"kind":"mem","size":"1GiB"}`), or both; the leaf registry reads them
@@ -38,7 +39,10 @@ pub(super) fn leaf_add(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     d.pending().leaves.retain(|(l, _)| l.name != name);
     let up = d.bring_up_dependents(&mut e);
     changed(d, &e, !up.is_empty());
-    Ok(json!({"leaf": leaf_json(d, &e, name)?, "brought_up": up}))
+    let (mut v, leaf) = leaf_json(d, &e, name)?;
+    drop(e);
+    add_health(&mut v, &leaf.health());
+    Ok(json!({ "leaf": v, "brought_up": up }))
 }
 
 /// `leaf_retry {name?}`: opens again a leaf that failed at start (every one without a name),
@@ -138,7 +142,8 @@ pub(super) fn leaf_rm(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     Ok(json!({ "removed": name }))
 }
 
-/// `leaf_ls`: every leaf, as [`leaf_json`] shows it.
+/// `leaf_ls`: every leaf, as [`leaf_json`] shows it, with its health (asked of each leaf
+/// after the engine lock is released: a file leaf's `fstat` may block).
 pub(super) fn leaf_ls(d: &Daemon) -> Result<Value, String> {
     let e = engine(d);
     let leaves = e
@@ -147,7 +152,14 @@ pub(super) fn leaf_ls(d: &Daemon) -> Result<Value, String> {
         .filter(|(_, is_volume)| !is_volume)
         .map(|(n, _)| leaf_json(d, &e, &n))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut leaves = leaves;
+    drop(e);
+    let mut leaves: Vec<Value> = leaves
+        .into_iter()
+        .map(|(mut v, leaf)| {
+            add_health(&mut v, &leaf.health());
+            v
+        })
+        .collect();
     // Leaves that failed at start, with why: kept, and retried.
     for (l, why) in &d.pending().leaves {
         leaves.push(json!({
@@ -163,6 +175,41 @@ pub(super) fn leaf_ls(d: &Daemon) -> Result<Value, String> {
     Ok(json!({ "leaves": leaves }))
 }
 
+/// Seconds since the Unix epoch (fractional), as the JSON says times.
+fn unix_s(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A leaf's health as the JSON says it: `state` (ok, degraded, reconnecting, failed), `since`
+/// (when it entered that state, Unix seconds) and `for_s` (seconds ago), `error` (why it is
+/// not ok; only when it is not), `last_error` and `last_error_at` (the last error seen, even
+/// after a recovery).
+pub(super) fn health_fields(h: &LeafHealth) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("state".into(), json!(h.state.as_str()));
+    if let Some(t) = h.since {
+        m.insert("since".into(), json!(unix_s(t)));
+        let ago = SystemTime::now().duration_since(t).unwrap_or_default();
+        m.insert("for_s".into(), json!(ago.as_secs_f64()));
+    }
+    if let Some((text, at)) = &h.last_error {
+        if h.state != HealthState::Ok {
+            m.insert("error".into(), json!(text));
+        }
+        m.insert("last_error".into(), json!(text));
+        m.insert("last_error_at".into(), json!(unix_s(*at)));
+    }
+    m
+}
+
+/// Adds [`health_fields`] to a leaf's JSON object.
+fn add_health(v: &mut Value, h: &LeafHealth) {
+    if let Value::Object(o) = v {
+        o.extend(health_fields(h));
+    }
+}
+
 /// Volumes whose live table maps onto `dev`.
 fn users(e: &Engine, dev: &str) -> Vec<String> {
     e.ls()
@@ -175,8 +222,9 @@ fn users(e: &Engine, dev: &str) -> Vec<String> {
 }
 
 /// A leaf as `leaf_ls` and `leaf_add` show it: `params` are the parameters it was built from
-/// (what `leaf_add` takes and the state file writes), `args` the leaf's own description.
-fn leaf_json(d: &Daemon, e: &Engine, name: &str) -> Result<Value, String> {
+/// (what `leaf_add` takes and the state file writes), `args` the leaf's own description; and
+/// the leaf, whose health the caller adds once the engine lock is released.
+fn leaf_json(d: &Daemon, e: &Engine, name: &str) -> Result<(Value, Arc<dyn Leaf>), String> {
     let l = e.leaf(name).map_err(es)?;
     let params = d
         .leaf_params
@@ -186,7 +234,7 @@ fn leaf_json(d: &Daemon, e: &Engine, name: &str) -> Result<Value, String> {
         .map_or(Value::Null, |p| {
             serde_json::to_value(p.table()).unwrap_or(Value::Null)
         });
-    Ok(json!({
+    let v = json!({
         "name": name,
         "kind": l.kind(),
         "sectors": l.size(),
@@ -194,5 +242,6 @@ fn leaf_json(d: &Daemon, e: &Engine, name: &str) -> Result<Value, String> {
         "params": params,
         "args": l.args(),
         "used_by": users(e, name),
-    }))
+    });
+    Ok((v, l))
 }

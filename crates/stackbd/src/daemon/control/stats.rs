@@ -1,12 +1,14 @@
 //! Counters and copy jobs: `stats`, `copy_start`, `copy_status` and `copy_cancel`.
 
 use super::exports::export_json;
+use super::leaves::health_fields;
 use super::{engine, es, volume_info, Daemon, Req};
 use serde_json::{json, Map, Value};
 use stackbd_core::runtime::{ReactorThreads, ThreadStats};
 use std::sync::atomic::Ordering;
 
-/// `stats {name?}`: reactor counters, exports and volumes (only those named `name`, if given).
+/// `stats {name?}`: reactor counters, exports, volumes (only those named `name`, if given) and
+/// every leaf's health (asked after the engine lock is released).
 pub(super) fn stats(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let only = r.opt_string("name")?;
     let e = engine(d);
@@ -32,12 +34,30 @@ pub(super) fn stats(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
             });
         }
     }
+    let leaves: Vec<_> = e
+        .ls()
+        .into_iter()
+        .filter(|(_, is_volume)| !is_volume)
+        .filter_map(|(n, _)| Some((e.leaf(&n).ok()?, n)))
+        .collect();
+    drop(e);
+    let leaves: Vec<Value> = leaves
+        .into_iter()
+        .map(|(l, n)| {
+            let mut o = json!({"name": n, "kind": l.kind()});
+            if let Value::Object(m) = &mut o {
+                m.extend(health_fields(&l.health()));
+            }
+            o
+        })
+        .collect();
     Ok(json!({
         "uptime_s": d.started.elapsed().as_secs_f64(),
         "reactors": reactors,
         "totals": totals,
         "exports": exports,
         "volumes": volumes,
+        "leaves": leaves,
     }))
 }
 
