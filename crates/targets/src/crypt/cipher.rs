@@ -392,6 +392,41 @@ impl SectorCipher {
         self.run(false, iv_sector, iv_step, buf)
     }
 
+    /// Encrypts `src` into `dst` (same length, whole sectors), IVs as for
+    /// [`SectorCipher::try_encrypt`]: one pass over the data where a copy then an in-place
+    /// encryption would make two (the crypt target's write path). Any thread; no allocation.
+    pub fn try_encrypt_into(
+        &self,
+        iv_sector: u64,
+        iv_step: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), CryptFailure> {
+        let sb = self.sector_bytes;
+        if src.len() != dst.len() || !src.len().is_multiple_of(sb) {
+            return Err(CryptFailure::Misaligned);
+        }
+        let Engine::Evp(pool) = &self.engine else {
+            dst.copy_from_slice(src);
+            return self.run(true, iv_sector, iv_step, dst);
+        };
+        let mut sector = iv_sector;
+        let ok = pool.with(true, |ctx| {
+            for (s, d) in src.chunks_exact(sb).zip(dst.chunks_exact_mut(sb)) {
+                if !ctx.crypt_into(&self.iv(sector), s, d) {
+                    return false;
+                }
+                sector = sector.wrapping_add(iv_step);
+            }
+            true
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(CryptFailure::Library)
+        }
+    }
+
     /// [`SectorCipher::try_encrypt`] for callers that guarantee whole sectors. On a failure
     /// (a misaligned buffer, or the library) the buffer is zeroed rather than left as
     /// plaintext, and the failure is logged.

@@ -35,3 +35,22 @@ pub(crate) fn crypt_in_place(
         Dir::Decrypt => cipher.try_decrypt(iv, step, bytes),
     }
 }
+
+/// Encrypts `src` (a write's data, valid and unchanged while the write is in `map`) into `dst`
+/// (a bounce buffer this target holds, not yet handed to any child). Reactor thread; no
+/// allocation.
+pub(crate) fn encrypt_into(
+    cipher: &SectorCipher,
+    iv: u64,
+    step: u64,
+    src: DataBuf,
+    dst: DataBuf,
+) -> Result<(), CryptFailure> {
+    let mut out = dst;
+    // SAFETY: `src` is the submitter's data of a write being mapped: valid until the write
+    // completes, which it cannot before this call returns, and only read here. `dst` is a
+    // pooled bounce buffer held by this target alone (no child I/O on it yet). They are
+    // different allocations, so the two slices do not overlap.
+    let (s, d) = unsafe { (src.as_bytes(), out.as_bytes_mut()) };
+    cipher.try_encrypt_into(iv, step, s, d)
+}

@@ -12,8 +12,8 @@
 //!   `iv_offset`; with `iv_large_sectors` it is shifted down to count `sector_size` units, else
 //!   successive crypt sectors step by `sector_size / 512` (dm-crypt's rule; LUKS2 uses the
 //!   latter, as the cryptsetup interop test shows).
-//! - Writes are copied into a pooled bounce buffer, encrypted there and sent down as a child
-//!   bio; the write is held until the child is done. The submitter's buffer is never changed.
+//! - Writes are encrypted from the submitter's buffer into a pooled bounce buffer (one pass)
+//!   and sent down as a child bio; the write is held until the child is done. The submitter's buffer is never changed.
 //!   With the bounce pool exhausted the write is requeued. Reads are remapped with a frame and
 //!   decrypted in place in `end_io` when they succeed.
 //! - Write-zeroes: dm-crypt does not pass them down (the device would hold plaintext zeros; it
@@ -48,7 +48,7 @@ use stackbd_core::{
 use zeroize::Zeroizing;
 
 use cipher::SectorCipher;
-use data::{crypt_in_place, Dir};
+use data::{crypt_in_place, encrypt_into, Dir};
 use table::{CryptArgs, Key, KeySource};
 
 /// Largest bio the target takes in one piece (1 MiB): bounce buffers stay within one pool
@@ -126,13 +126,14 @@ impl Crypt {
             return MapResult::Requeue;
         };
         let buf = b.data();
-        if zeros {
-            buf.fill_zero();
-        } else {
-            bio.data.copy_to(0, &buf, 0, len);
-        }
         let (iv, step) = self.iv(bio.sector);
-        if crypt_in_place(cipher, Dir::Encrypt, iv, step, buf).is_err() {
+        let done = if zeros {
+            buf.fill_zero();
+            crypt_in_place(cipher, Dir::Encrypt, iv, step, buf)
+        } else {
+            encrypt_into(cipher, iv, step, bio.data.slice(0, len), buf)
+        };
+        if done.is_err() {
             cx.release(b.id());
             return MapResult::Done(Status::IoError);
         }

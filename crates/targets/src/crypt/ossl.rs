@@ -87,13 +87,38 @@ impl EvpCtx {
 
     /// Sets the 16-byte IV and transforms `data` in place (one data unit). Does not allocate.
     pub(crate) fn crypt(&mut self, iv: &[u8; 16], data: &mut [u8]) -> bool {
-        let Ok(len) = c_int::try_from(data.len()) else {
+        let p = data.as_mut_ptr();
+        // SAFETY: in place: `p` is valid for reads and writes of `data.len()` bytes.
+        unsafe { self.crypt_raw(iv, p, p, data.len()) }
+    }
+
+    /// Sets the IV and transforms `src` into `dst` (same length; one data unit): one pass over
+    /// the data instead of a copy and an in-place pass. Does not allocate.
+    pub(crate) fn crypt_into(&mut self, iv: &[u8; 16], src: &[u8], dst: &mut [u8]) -> bool {
+        if src.len() != dst.len() {
+            return false;
+        }
+        // SAFETY: `src` is valid for reads and `dst` for writes of `len` bytes; a `&[u8]` and a
+        // `&mut [u8]` cannot overlap.
+        unsafe { self.crypt_raw(iv, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+    }
+
+    /// # Safety
+    /// `src` valid for reads and `out` for writes of `len` bytes; equal or not overlapping.
+    unsafe fn crypt_raw(
+        &mut self,
+        iv: &[u8; 16],
+        src: *const u8,
+        out: *mut u8,
+        len: usize,
+    ) -> bool {
+        let Ok(len) = c_int::try_from(len) else {
             return false;
         };
         let mut out_len: c_int = 0;
         // SAFETY: live, keyed context owned by this call (`&mut self`); IV is 16 bytes, the IV
-        // length of every kind here; in-place operation (out == in, same length) is allowed by
-        // EVP for these modes; `data` is valid for `len` bytes; `out_len` is a live int.
+        // length of every kind here; in-place operation (out == in) is allowed by EVP for these
+        // modes; the buffers are valid for `len` bytes (this function's contract).
         let ok = unsafe {
             ffi::EVP_CipherInit_ex(
                 self.0.as_ptr(),
@@ -103,13 +128,7 @@ impl EvpCtx {
                 iv.as_ptr(),
                 -1,
             ) == 1
-                && ffi::EVP_CipherUpdate(
-                    self.0.as_ptr(),
-                    data.as_mut_ptr(),
-                    &mut out_len,
-                    data.as_ptr(),
-                    len,
-                ) == 1
+                && ffi::EVP_CipherUpdate(self.0.as_ptr(), out, &mut out_len, src, len) == 1
         };
         if !ok || out_len != len {
             clear_errors();
