@@ -183,6 +183,8 @@ pub(crate) struct BouncePool {
     free: Vec<Vec<u32>>,
     /// Length asked for each buffer out (for `bounce_data`).
     lens: Vec<usize>,
+    /// Buffers made per class (the free list of a class never needs more room than this).
+    made: Vec<usize>,
     bytes: usize,
 }
 
@@ -206,6 +208,7 @@ impl BouncePool {
         let class = Self::class(len)? as usize;
         if self.free.len() <= class {
             self.free.resize_with(class + 1, Vec::new);
+            self.made.resize(class + 1, 0);
         }
         let id = match self.free[class].pop() {
             Some(id) => id,
@@ -217,8 +220,11 @@ impl BouncePool {
                 self.bytes += size;
                 self.bufs.push(vec![0u8; size].into_boxed_slice());
                 self.lens.push(0);
-                // Room to give every buffer of this class back without growing.
-                self.free[class].reserve(1);
+                // Room to give every buffer of this class back without growing: `put` then
+                // never allocates, whatever order the buffers come back in.
+                self.made[class] += 1;
+                let free = &mut self.free[class];
+                free.reserve(self.made[class].saturating_sub(free.len()));
                 (self.bufs.len() - 1) as u32
             }
         };
@@ -438,6 +444,18 @@ pub(crate) fn sector_bytes(sectors: u32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn giving_every_buffer_back_never_grows_a_free_list() {
+        let mut p = BouncePool::default();
+        let out: Vec<Bounce> = (0..9).map(|_| p.get(4096).unwrap()).collect();
+        let cap = p.free[0].capacity();
+        assert!(cap >= 9, "free list has room for {cap} of 9 buffers");
+        for b in out {
+            p.put(b.id());
+        }
+        assert_eq!(p.free[0].capacity(), cap, "a put reallocated the free list");
+    }
 
     #[test]
     fn bounce_classes_are_reused() {
