@@ -346,6 +346,21 @@ fn stackbd_luks_format_makes_images_cryptsetup_accepts() {
         c.arg("luksDump").arg(&img);
         let dump = run_ok(&mut c, QUICK).stdout;
         assert!(dump.contains("Version:       \t2"), "{dump}");
+        // `stackbd luks dump` shows what cryptsetup shows: the same UUID, cipher, sector size.
+        let ours = run_ok(stackbd(&["luks", "dump"]).arg(&img), QUICK).stdout;
+        for field in ["UUID:", "cipher:", "sector:", "PBKDF:"] {
+            let line = |t: &str| {
+                t.lines()
+                    .find(|l| l.trim_start().starts_with(field))
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            };
+            assert!(line(&dump).is_some(), "cryptsetup shows no {field}:\n{dump}");
+            assert_eq!(
+                line(&ours),
+                line(&dump),
+                "{field} differs\n--- stackbd luks dump ---\n{ours}\n--- cryptsetup ---\n{dump}"
+            );
+        }
         let mut c = cryptsetup();
         c.args(["open", "--test-passphrase", "--key-file"])
             .arg(&key)
@@ -459,4 +474,46 @@ fn luks_open_restart_and_a_missing_key_file() {
     );
     let got = nbd_read(&d.uri("secret"), 4096, data.len(), dir.path());
     assert_same("after the key file came back", &got, &data);
+}
+
+#[test]
+fn a_damaged_header_or_a_missing_image_creates_nothing() {
+    let dir = tempdir();
+    let (img, key) = image(dir.path(), "bad", 20);
+    luks_format(&img, &key, VARIANTS[1].args);
+    // Both LUKS2 binary headers damaged (primary at 0, secondary at 16 KiB).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(b"XXXX", 0).unwrap();
+        f.write_all_at(b"XXXX", 16384).unwrap();
+    }
+    let d = Daemon::start(Opts::default());
+    for (what, req) in [
+        (
+            "damaged header",
+            json!({"v": 1, "cmd": "luks_open", "name": "x", "path": img, "key_file": key}),
+        ),
+        (
+            "missing image",
+            json!({"v": 1, "cmd": "luks_open", "name": "x", "path": dir.path().join("nope.img"), "key_file": key}),
+        ),
+        (
+            "missing key file",
+            json!({"v": 1, "cmd": "luks_open", "name": "x", "path": img, "key_file": dir.path().join("nope.key")}),
+        ),
+        (
+            "relative path",
+            json!({"v": 1, "cmd": "luks_open", "name": "x", "path": "rel.img", "key_file": key}),
+        ),
+    ] {
+        let r = d.control(&req);
+        assert_eq!(r["ok"], false, "{what}: {r}");
+        assert!(!r["error"].as_str().unwrap_or("").is_empty(), "{what}: {r}");
+        let ls = d.control(&json!({"v": 1, "cmd": "ls"}));
+        assert!(
+            !ls.to_string().contains("\"x\"") && !ls.to_string().contains("x-luks"),
+            "{what}: left behind: {ls}"
+        );
+    }
 }
