@@ -59,17 +59,27 @@ fn rewrite(dev: &mut Vec<u8>, f: impl FnOnce(&mut Value)) {
 fn bad_primary_falls_back_to_secondary() {
     let (clean, key) = base();
     // A byte of the binary header (label), of the JSON area, and the magic itself.
-    for (at, what) in [(30usize, "binary header"), (4096 + 20, "JSON area"), (0, "magic")] {
+    for (at, what) in [
+        (30usize, "binary header"),
+        (4096 + 20, "JSON area"),
+        (0, "magic"),
+    ] {
         let mut dev = clean.clone();
         dev[at] ^= 0x5a;
         let h = Header::read(&mut dev, SIZE).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(luks2(&h).copy, HeaderCopy::Secondary, "{what}");
         let w = h.warnings().join("\n");
-        assert!(w.contains("primary LUKS2 header is bad") && w.contains("using the secondary"), "{what}: {w}");
+        assert!(
+            w.contains("primary LUKS2 header is bad") && w.contains("using the secondary"),
+            "{what}: {w}"
+        );
         if at != 0 {
             assert!(w.contains("checksum"), "{what}: {w}");
         }
-        assert_eq!(h.unlock(&mut dev, b"pw", None).unwrap().as_bytes(), &key[..]);
+        assert_eq!(
+            h.unlock(&mut dev, b"pw", None).unwrap().as_bytes(),
+            &key[..]
+        );
     }
 }
 
@@ -79,7 +89,13 @@ fn bad_secondary_is_reported_and_primary_used() {
     dev[16384 + 4096 + 3] ^= 1;
     let h = Header::read(&mut dev, SIZE).unwrap();
     assert_eq!(luks2(&h).copy, HeaderCopy::Primary);
-    assert!(h.warnings().join("").contains("secondary LUKS2 header is bad"), "{:?}", h.warnings());
+    assert!(
+        h.warnings()
+            .join("")
+            .contains("secondary LUKS2 header is bad"),
+        "{:?}",
+        h.warnings()
+    );
 }
 
 #[test]
@@ -90,12 +106,19 @@ fn both_copies_bad_is_a_clear_error() {
     let e = Header::read(&mut dev, SIZE).unwrap_err();
     assert!(matches!(e, LuksError::BothCopiesBad { .. }), "{e}");
     let m = e.to_string();
-    assert!(m.contains("primary LUKS2 header: checksum") && m.contains("secondary LUKS2 header: checksum"), "{m}");
+    assert!(
+        m.contains("primary LUKS2 header: checksum")
+            && m.contains("secondary LUKS2 header: checksum"),
+        "{m}"
+    );
     // Both magics gone: not LUKS at all.
     let (mut dev, _) = base();
     dev[0] = 0;
     dev[16384] = 0;
-    assert!(matches!(Header::read(&mut dev, SIZE), Err(LuksError::NotLuks)));
+    assert!(matches!(
+        Header::read(&mut dev, SIZE),
+        Err(LuksError::NotLuks)
+    ));
 }
 
 #[test]
@@ -107,11 +130,19 @@ fn newer_secondary_wins() {
     bin.label = "newer".into();
     bin.hdr_offset = 16384;
     let text = serde_json::to_vec(&json_of(&dev)).unwrap();
-    let area = stackbd::luks::luks2::header::build_copy(&bin, &text, HeaderCopy::Secondary).unwrap();
+    let area =
+        stackbd::luks::luks2::header::build_copy(&bin, &text, HeaderCopy::Secondary).unwrap();
     dev[16384..32768].copy_from_slice(&area);
     let h = Header::read(&mut dev, SIZE).unwrap();
-    assert_eq!((luks2(&h).copy, h.label()), (HeaderCopy::Secondary, Some("newer")));
-    assert!(h.warnings().join("").contains("differ"), "{:?}", h.warnings());
+    assert_eq!(
+        (luks2(&h).copy, h.label()),
+        (HeaderCopy::Secondary, Some("newer"))
+    );
+    assert!(
+        h.warnings().join("").contains("differ"),
+        "{:?}",
+        h.warnings()
+    );
 }
 
 #[test]
@@ -120,20 +151,33 @@ fn damaged_keyslot_area_or_digest_fails_cleanly() {
     let mut dev = clean.clone();
     dev[32768 + 1000] ^= 0x80;
     let h = Header::read(&mut dev, SIZE).unwrap();
-    assert!(matches!(h.unlock(&mut dev, b"pw", None), Err(LuksError::WrongPassphrase)));
-    assert!(matches!(h.unlock(&mut dev, b"pw", Some(0)), Err(LuksError::WrongPassphrase)));
+    assert!(matches!(
+        h.unlock(&mut dev, b"pw", None),
+        Err(LuksError::WrongPassphrase)
+    ));
+    assert!(matches!(
+        h.unlock(&mut dev, b"pw", Some(0)),
+        Err(LuksError::WrongPassphrase)
+    ));
 
     let mut dev = clean.clone();
     rewrite(&mut dev, |v| {
         let d = v["digests"]["0"]["digest"].as_str().unwrap().to_string();
-        let flipped = if d.starts_with('A') { d.replacen('A', "B", 1) } else { format!("A{}", &d[1..]) };
+        let flipped = if d.starts_with('A') {
+            d.replacen('A', "B", 1)
+        } else {
+            format!("A{}", &d[1..])
+        };
         v["digests"]["0"]["digest"] = json!(flipped);
     });
     let h = Header::read(&mut dev, SIZE).unwrap();
     assert!(h.warnings().is_empty());
     let e = h.unlock(&mut dev, b"pw", None).unwrap_err();
     assert!(matches!(e, LuksError::WrongPassphrase));
-    assert!(e.to_string().contains("damaged keyslot area or digest"), "{e}");
+    assert!(
+        e.to_string().contains("damaged keyslot area or digest"),
+        "{e}"
+    );
 }
 
 /// Hostile JSON values, each with a checksum that verifies: refused, with the field named.
@@ -142,39 +186,126 @@ fn absurd_json_is_refused_with_the_field_named() {
     let (clean, _) = base();
     type Edit = Box<dyn Fn(&mut Value)>;
     let cases: Vec<(&str, Edit)> = vec![
-        ("keyslots.0.area", Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!("999999999999"))),
-        ("keyslots.0.area.size", Box::new(|v| v["keyslots"]["0"]["area"]["size"] = json!("99999999999999999999999"))),
-        ("keyslots.0.area.offset", Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!("-4096"))),
-        ("keyslots.0.area.offset", Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!(32768))),
-        ("keyslots.0.area", Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!("18446744073709551104"))),
-        ("keyslots.0.key_size", Box::new(|v| v["keyslots"]["0"]["key_size"] = json!(-1))),
-        ("keyslots.0.key_size", Box::new(|v| v["keyslots"]["0"]["key_size"] = json!(1_000_000_000u64))),
-        ("keyslots.0.key_size", Box::new(|v| v["keyslots"]["0"]["key_size"] = json!(1.5))),
-        ("keyslots.0.area", Box::new(|v| v["keyslots"]["0"]["af"]["stripes"] = json!(4_000_000_000u64))),
-        ("keyslots.0.kdf.iterations", Box::new(|v| v["keyslots"]["0"]["kdf"]["iterations"] = json!(1u64 << 40))),
-        ("keyslots.0.kdf.salt", Box::new(|v| v["keyslots"]["0"]["kdf"]["salt"] = json!("***"))),
-        ("keyslots.0.kdf.hash", Box::new(|v| v["keyslots"]["0"]["kdf"]["hash"] = json!("whirlpool"))),
+        (
+            "keyslots.0.area",
+            Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!("999999999999")),
+        ),
+        (
+            "keyslots.0.area.size",
+            Box::new(|v| v["keyslots"]["0"]["area"]["size"] = json!("99999999999999999999999")),
+        ),
+        (
+            "keyslots.0.area.offset",
+            Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!("-4096")),
+        ),
+        (
+            "keyslots.0.area.offset",
+            Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!(32768)),
+        ),
+        (
+            "keyslots.0.area",
+            Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = json!("18446744073709551104")),
+        ),
+        (
+            "keyslots.0.key_size",
+            Box::new(|v| v["keyslots"]["0"]["key_size"] = json!(-1)),
+        ),
+        (
+            "keyslots.0.key_size",
+            Box::new(|v| v["keyslots"]["0"]["key_size"] = json!(1_000_000_000u64)),
+        ),
+        (
+            "keyslots.0.key_size",
+            Box::new(|v| v["keyslots"]["0"]["key_size"] = json!(1.5)),
+        ),
+        (
+            "keyslots.0.area",
+            Box::new(|v| v["keyslots"]["0"]["af"]["stripes"] = json!(4_000_000_000u64)),
+        ),
+        (
+            "keyslots.0.kdf.iterations",
+            Box::new(|v| v["keyslots"]["0"]["kdf"]["iterations"] = json!(1u64 << 40)),
+        ),
+        (
+            "keyslots.0.kdf.salt",
+            Box::new(|v| v["keyslots"]["0"]["kdf"]["salt"] = json!("***")),
+        ),
+        (
+            "keyslots.0.kdf.hash",
+            Box::new(|v| v["keyslots"]["0"]["kdf"]["hash"] = json!("whirlpool")),
+        ),
         (
             "keyslots.0.kdf.memory",
+            Box::new(
+                |v| v["keyslots"]["0"]["kdf"] = json!({"type": "argon2id", "time": 1, "memory": 5u64 << 20, "cpus": 1, "salt": "AAAA"}),
+            ),
+        ),
+        (
+            "keyslots.99",
+            Box::new(|v| v["keyslots"]["99"] = v["keyslots"]["0"].clone()),
+        ),
+        (
+            "keyslots.x",
+            Box::new(|v| v["keyslots"]["x"] = v["keyslots"]["0"].clone()),
+        ),
+        (
+            "keyslots.1.area",
+            Box::new(|v| v["keyslots"]["1"] = v["keyslots"]["0"].clone()),
+        ),
+        (
+            "segments.0.offset",
+            Box::new(|v| v["segments"]["0"]["offset"] = json!("36028797018963968")),
+        ),
+        (
+            "segments.0.offset",
+            Box::new(|v| v["segments"]["0"]["offset"] = json!("4096")),
+        ),
+        (
+            "segments.0.size",
+            Box::new(|v| v["segments"]["0"]["size"] = json!("18446744073709551615")),
+        ),
+        (
+            "segments.0.sector_size",
+            Box::new(|v| v["segments"]["0"]["sector_size"] = json!(3000)),
+        ),
+        (
+            "segments.0.iv_tweak",
+            Box::new(|v| v["segments"]["0"]["iv_tweak"] = json!("18446744073709551615")),
+        ),
+        (
+            "digests.0.keyslots",
+            Box::new(|v| v["digests"]["0"]["keyslots"] = json!(["5"])),
+        ),
+        (
+            "digests.0.segments",
+            Box::new(|v| v["digests"]["0"]["segments"] = json!(["3"])),
+        ),
+        (
+            "digests.0.digest",
+            Box::new(|v| v["digests"]["0"]["digest"] = json!("A".repeat(200))),
+        ),
+        (
+            "config.json_size",
+            Box::new(|v| v["config"]["json_size"] = json!("4096")),
+        ),
+        (
+            "config.keyslots_size",
+            Box::new(|v| v["config"]["keyslots_size"] = json!("18446744073709551615")),
+        ),
+        (
+            "config.keyslots_size",
+            Box::new(|v| v["config"]["keyslots_size"] = json!("123")),
+        ),
+        (
+            "config",
             Box::new(|v| {
-                v["keyslots"]["0"]["kdf"] = json!({"type": "argon2id", "time": 1, "memory": 5u64 << 20, "cpus": 1, "salt": "AAAA"})
+                v.as_object_mut()
+                    .unwrap()
+                    .remove("config")
+                    .map(drop)
+                    .unwrap()
             }),
         ),
-        ("keyslots.99", Box::new(|v| v["keyslots"]["99"] = v["keyslots"]["0"].clone())),
-        ("keyslots.x", Box::new(|v| v["keyslots"]["x"] = v["keyslots"]["0"].clone())),
-        ("keyslots.1.area", Box::new(|v| v["keyslots"]["1"] = v["keyslots"]["0"].clone())),
-        ("segments.0.offset", Box::new(|v| v["segments"]["0"]["offset"] = json!("36028797018963968"))),
-        ("segments.0.offset", Box::new(|v| v["segments"]["0"]["offset"] = json!("4096"))),
-        ("segments.0.size", Box::new(|v| v["segments"]["0"]["size"] = json!("18446744073709551615"))),
-        ("segments.0.sector_size", Box::new(|v| v["segments"]["0"]["sector_size"] = json!(3000))),
-        ("segments.0.iv_tweak", Box::new(|v| v["segments"]["0"]["iv_tweak"] = json!("18446744073709551615"))),
-        ("digests.0.keyslots", Box::new(|v| v["digests"]["0"]["keyslots"] = json!(["5"]))),
-        ("digests.0.segments", Box::new(|v| v["digests"]["0"]["segments"] = json!(["3"]))),
-        ("digests.0.digest", Box::new(|v| v["digests"]["0"]["digest"] = json!("A".repeat(200)))),
-        ("config.json_size", Box::new(|v| v["config"]["json_size"] = json!("4096"))),
-        ("config.keyslots_size", Box::new(|v| v["config"]["keyslots_size"] = json!("18446744073709551615"))),
-        ("config.keyslots_size", Box::new(|v| v["config"]["keyslots_size"] = json!("123"))),
-        ("config", Box::new(|v| v.as_object_mut().unwrap().remove("config").map(drop).unwrap())),
         ("(document)", Box::new(|v| *v = json!([1, 2, 3]))),
     ];
     for (path, edit) in cases {
@@ -211,7 +342,21 @@ fn bad_utf8_is_refused() {
 #[test]
 fn truncated_devices_are_refused() {
     let (clean, _) = base();
-    for len in [0usize, 7, 8, 100, 4095, 4096, 16383, 16384, 20000, 32768, 40000, 1 << 20, (16 << 20) - 4096] {
+    for len in [
+        0usize,
+        7,
+        8,
+        100,
+        4095,
+        4096,
+        16383,
+        16384,
+        20000,
+        32768,
+        40000,
+        1 << 20,
+        (16 << 20) - 4096,
+    ] {
         let mut dev = clean[..len].to_vec();
         let e = Header::read(&mut dev, len as u64).expect_err("truncated");
         assert!(!e.to_string().is_empty());
@@ -220,13 +365,21 @@ fn truncated_devices_are_refused() {
     // nothing to map.
     let mut dev = clean[..16 << 20].to_vec();
     let h = Header::read(&mut dev, 16 << 20).unwrap();
-    let m = h.crypt_params().unwrap().payload_sectors_on(16 << 20).unwrap_err().to_string();
+    let m = h
+        .crypt_params()
+        .unwrap()
+        .payload_sectors_on(16 << 20)
+        .unwrap_err()
+        .to_string();
     assert!(m.contains("no data area"), "{m}");
     // A reader that claims more than it has: an I/O error, not a panic.
     let mut dev = clean[..100_000].to_vec();
     let h = Header::read(&mut dev, SIZE).unwrap();
     let e = h.unlock(&mut dev, b"pw", None).unwrap_err();
-    assert!(matches!(e, LuksError::Io { .. }) && e.to_string().contains("keyslot 0"), "{e}");
+    assert!(
+        matches!(e, LuksError::Io { .. }) && e.to_string().contains("keyslot 0"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -246,12 +399,18 @@ fn luks1_damage() {
     let mut dev = clean.clone();
     dev[8 * 512 + 77] ^= 1;
     let h = Header::read(&mut dev, size).unwrap();
-    assert!(matches!(h.unlock(&mut dev, b"pw", None), Err(LuksError::WrongPassphrase)));
+    assert!(matches!(
+        h.unlock(&mut dev, b"pw", None),
+        Err(LuksError::WrongPassphrase)
+    ));
     // MK digest damaged.
     let mut dev = clean.clone();
     dev[112] ^= 1;
     let h = Header::read(&mut dev, size).unwrap();
-    assert!(matches!(h.unlock(&mut dev, b"pw", None), Err(LuksError::WrongPassphrase)));
+    assert!(matches!(
+        h.unlock(&mut dev, b"pw", None),
+        Err(LuksError::WrongPassphrase)
+    ));
     // Absurd fields.
     let field = |at: usize, v: u32, expect: &str| {
         let mut dev = clean.clone();

@@ -35,9 +35,18 @@ fn check_unlock(kind: &str, kdf: &str, sector: Option<&str>) {
     assert_eq!(key.as_bytes(), &want[..], "{kind} {kdf} {sector:?}");
     assert_eq!(key.keyslot(), Some(0));
     assert!(h.verify_key(key.as_bytes()).unwrap());
-    assert!(matches!(h.unlock(&mut f, b"first passphrasf", None), Err(LuksError::WrongPassphrase)));
-    assert!(matches!(h.unlock(&mut f, b"", Some(0)), Err(LuksError::WrongPassphrase)));
-    assert!(matches!(h.unlock(&mut f, b"first passphrase", Some(3)), Err(LuksError::NoSuchKeyslot(3))));
+    assert!(matches!(
+        h.unlock(&mut f, b"first passphrasf", None),
+        Err(LuksError::WrongPassphrase)
+    ));
+    assert!(matches!(
+        h.unlock(&mut f, b"", Some(0)),
+        Err(LuksError::WrongPassphrase)
+    ));
+    assert!(matches!(
+        h.unlock(&mut f, b"first passphrase", Some(3)),
+        Err(LuksError::NoSuchKeyslot(3))
+    ));
 
     let p = h.crypt_params().expect("crypt params");
     assert_eq!(p.cipher, "aes-xts-plain64");
@@ -54,7 +63,10 @@ fn check_unlock(kind: &str, kdf: &str, sector: Option<&str>) {
 
     let dump = h.dump();
     assert!(dump.contains(h.uuid()), "{dump}");
-    assert!(dump.contains(&format!("Version:       \t{}", h.version())), "{dump}");
+    assert!(
+        dump.contains(&format!("Version:       \t{}", h.version())),
+        "{dump}"
+    );
 }
 
 #[test]
@@ -98,7 +110,11 @@ fn check_second_slot(kind: &str) {
     let (img, kf) = make(kind, "pbkdf2", (kind == "luks2").then_some("512"));
     let kf2 = img.keyfile("pw2", b"second one");
     let mut args = vec!["luksAddKey", "-q", "--key-file", kf.as_str()];
-    args.extend(fast_kdf(if kind == "luks1" { "pbkdf2" } else { "argon2id" }));
+    args.extend(fast_kdf(if kind == "luks1" {
+        "pbkdf2"
+    } else {
+        "argon2id"
+    }));
     args.extend([img.p(), kf2.as_str()]);
     cryptsetup_ok(&args);
     let want = dumped_volume_key(&img.path, &kf2);
@@ -109,9 +125,20 @@ fn check_second_slot(kind: &str) {
     assert_eq!((k.as_bytes(), k.keyslot()), (&want[..], Some(1)));
     let k = h.unlock(&mut f, b"second one", Some(1)).unwrap();
     assert_eq!(k.as_bytes(), &want[..]);
-    assert!(matches!(h.unlock(&mut f, b"second one", Some(0)), Err(LuksError::WrongPassphrase)));
-    assert!(matches!(h.unlock(&mut f, b"first passphrase", Some(1)), Err(LuksError::WrongPassphrase)));
-    assert_eq!(h.unlock(&mut f, b"first passphrase", Some(0)).unwrap().as_bytes(), &want[..]);
+    assert!(matches!(
+        h.unlock(&mut f, b"second one", Some(0)),
+        Err(LuksError::WrongPassphrase)
+    ));
+    assert!(matches!(
+        h.unlock(&mut f, b"first passphrase", Some(1)),
+        Err(LuksError::WrongPassphrase)
+    ));
+    assert_eq!(
+        h.unlock(&mut f, b"first passphrase", Some(0))
+            .unwrap()
+            .as_bytes(),
+        &want[..]
+    );
     assert!(h.dump().contains("  1: luks2") || h.dump().contains("Key Slot 1: ENABLED"));
 }
 
@@ -137,7 +164,14 @@ fn luks2_label_and_memory_device() {
     }
     let img = Img::new(SIZE);
     let kf = img.keyfile("pw1", b"pw");
-    let mut args = vec!["luksFormat", "-q", "--type", "luks2", "--label", "my-volume"];
+    let mut args = vec![
+        "luksFormat",
+        "-q",
+        "--type",
+        "luks2",
+        "--label",
+        "my-volume",
+    ];
     args.extend(fast_kdf("pbkdf2"));
     args.extend(["--key-file", kf.as_str(), img.p()]);
     cryptsetup_ok(&args);

@@ -25,7 +25,15 @@ fn check(kind: &str, sector: Option<&str>) {
     }
     std::fs::write(&img.path, &data).unwrap();
     let kf = img.keyfile("pw", b"pw");
-    let mut args = vec!["reencrypt", "-q", "--encrypt", "--type", kind, "--reduce-device-size", "8M"];
+    let mut args = vec![
+        "reencrypt",
+        "-q",
+        "--encrypt",
+        "--type",
+        kind,
+        "--reduce-device-size",
+        "8M",
+    ];
     args.extend(fast_kdf("pbkdf2"));
     if let Some(s) = sector {
         args.extend(["--sector-size", s]);
@@ -44,13 +52,25 @@ fn check(kind: &str, sector: Option<&str>) {
     let ss = p.sector_size as usize;
     let cipher = SectorCipher::new(&spec, key.as_bytes(), ss).unwrap();
     let mut buf = vec![0u8; CHECK];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, p.payload_offset_sectors * 512).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, p.payload_offset_sectors * 512)
+        .unwrap();
     // IVs in 512-byte units from iv_offset, stepping by sector_size / 512 per crypt sector.
-    let step = if p.iv_large_sectors { 1 } else { (ss / 512) as u64 };
-    let first = if p.iv_large_sectors { p.iv_offset / step } else { p.iv_offset };
+    let step = if p.iv_large_sectors {
+        1
+    } else {
+        (ss / 512) as u64
+    };
+    let first = if p.iv_large_sectors {
+        p.iv_offset / step
+    } else {
+        p.iv_offset
+    };
     cipher.try_decrypt(first, step, &mut buf).unwrap();
     for (i, s) in buf.chunks(512).enumerate() {
-        assert!(s == &plaintext_sector(i as u64)[..], "{kind} {sector:?}: 512-byte sector {i} of the data differs");
+        assert!(
+            s == &plaintext_sector(i as u64)[..],
+            "{kind} {sector:?}: 512-byte sector {i} of the data differs"
+        );
     }
 }
 

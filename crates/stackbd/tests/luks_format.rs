@@ -41,7 +41,10 @@ fn check(kdf: &str, sector: u32) {
 
     let dump = cryptsetup_ok(&["luksDump", img.p()]);
     assert!(dump.contains("Version:       \t2"), "{dump}");
-    assert!(dump.contains(&format!("sector: {sector} [bytes]")), "{dump}");
+    assert!(
+        dump.contains(&format!("sector: {sector} [bytes]")),
+        "{dump}"
+    );
     assert!(dump.contains("Label:         \tstackbd-test"), "{dump}");
     assert!(dump.contains(&format!("PBKDF:      {kdf}")), "{dump}");
 
@@ -65,10 +68,23 @@ fn check(kdf: &str, sector: u32) {
     assert!(h.warnings().is_empty(), "{:?}", h.warnings());
     assert_eq!(h.label(), Some("stackbd-test"));
     assert_eq!(h.active_keyslots(), vec![0, 1]);
-    assert_eq!(h.unlock(&mut f, b"added by cryptsetup", Some(1)).unwrap().as_bytes(), key.as_bytes());
-    assert_eq!(h.unlock(&mut f, b"our passphrase", None).unwrap().as_bytes(), key.as_bytes());
+    assert_eq!(
+        h.unlock(&mut f, b"added by cryptsetup", Some(1))
+            .unwrap()
+            .as_bytes(),
+        key.as_bytes()
+    );
+    assert_eq!(
+        h.unlock(&mut f, b"our passphrase", None)
+            .unwrap()
+            .as_bytes(),
+        key.as_bytes()
+    );
     let p = h.crypt_params().unwrap();
-    assert_eq!((p.sector_size, p.payload_offset_sectors, p.payload_sectors), (sector, 32768, None));
+    assert_eq!(
+        (p.sector_size, p.payload_offset_sectors, p.payload_sectors),
+        (sector, 32768, None)
+    );
 }
 
 #[test]
@@ -108,8 +124,14 @@ fn format_then_unlock_in_memory() {
     let key = format_luks2(&mut dev, SIZE, &o, b"pw").unwrap();
     let h = Header::read(&mut dev, SIZE).unwrap();
     assert_eq!(h.uuid(), "0123abcd-0000-4000-8000-00000000beef");
-    assert_eq!(h.unlock(&mut dev, b"pw", None).unwrap().as_bytes(), key.as_bytes());
-    assert!(matches!(h.unlock(&mut dev, b"pW", None), Err(LuksError::WrongPassphrase)));
+    assert_eq!(
+        h.unlock(&mut dev, b"pw", None).unwrap().as_bytes(),
+        key.as_bytes()
+    );
+    assert!(matches!(
+        h.unlock(&mut dev, b"pW", None),
+        Err(LuksError::WrongPassphrase)
+    ));
 }
 
 /// Bad options are refused before anything is written.
@@ -117,22 +139,84 @@ fn format_then_unlock_in_memory() {
 fn bad_format_options_write_nothing() {
     let mut dev = vec![0u8; SIZE as usize];
     let cases: Vec<(&str, FormatOptions)> = vec![
-        ("sector", FormatOptions { sector_size: 1000, ..opts("pbkdf2", 512) }),
-        ("cipher", FormatOptions { cipher: "nosuch-xts-plain64".into(), ..opts("pbkdf2", 512) }),
-        ("key", FormatOptions { key_bytes: 13, ..opts("pbkdf2", 512) }),
-        ("label", FormatOptions { label: "x".repeat(48), ..opts("pbkdf2", 512) }),
-        ("uuid", FormatOptions { uuid: Some("not-a-uuid".into()), ..opts("pbkdf2", 512) }),
-        ("offset", FormatOptions { data_offset: 4096, ..opts("pbkdf2", 512) }),
-        ("offset align", FormatOptions { data_offset: (16 << 20) + 512, ..opts("pbkdf2", 512) }),
-        ("digest iters", FormatOptions { digest_iterations: 10, ..opts("pbkdf2", 512) }),
         (
-            "argon memory",
+            "sector",
             FormatOptions {
-                kdf: KdfOptions::Argon2 { variant: Argon2Variant::Argon2id, time: 1, memory_kib: 8, parallel: 4 },
+                sector_size: 1000,
                 ..opts("pbkdf2", 512)
             },
         ),
-        ("hash", FormatOptions { kdf: KdfOptions::Pbkdf2 { hash: "md4".into(), iterations: 1000 }, ..opts("pbkdf2", 512) }),
+        (
+            "cipher",
+            FormatOptions {
+                cipher: "nosuch-xts-plain64".into(),
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "key",
+            FormatOptions {
+                key_bytes: 13,
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "label",
+            FormatOptions {
+                label: "x".repeat(48),
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "uuid",
+            FormatOptions {
+                uuid: Some("not-a-uuid".into()),
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "offset",
+            FormatOptions {
+                data_offset: 4096,
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "offset align",
+            FormatOptions {
+                data_offset: (16 << 20) + 512,
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "digest iters",
+            FormatOptions {
+                digest_iterations: 10,
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "argon memory",
+            FormatOptions {
+                kdf: KdfOptions::Argon2 {
+                    variant: Argon2Variant::Argon2id,
+                    time: 1,
+                    memory_kib: 8,
+                    parallel: 4,
+                },
+                ..opts("pbkdf2", 512)
+            },
+        ),
+        (
+            "hash",
+            FormatOptions {
+                kdf: KdfOptions::Pbkdf2 {
+                    hash: "md4".into(),
+                    iterations: 1000,
+                },
+                ..opts("pbkdf2", 512)
+            },
+        ),
     ];
     for (what, o) in cases {
         let e = format_luks2(&mut dev, SIZE, &o, b"pw").expect_err(what);

@@ -27,8 +27,16 @@ pub(crate) fn luks1(h: &Luks1Header) -> String {
     let _ = writeln!(s, "Hash spec:     \t{}", h.hash_spec);
     let _ = writeln!(s, "Payload offset:\t{}", h.payload_offset);
     let _ = writeln!(s, "MK bits:       \t{}", u64::from(h.key_bytes) * 8);
-    let _ = writeln!(s, "MK digest:     \t{}", hex_lines(&h.mk_digest, "               \t"));
-    let _ = writeln!(s, "MK salt:       \t{}", hex_lines(&h.mk_digest_salt, "               \t"));
+    let _ = writeln!(
+        s,
+        "MK digest:     \t{}",
+        hex_lines(&h.mk_digest, "               \t")
+    );
+    let _ = writeln!(
+        s,
+        "MK salt:       \t{}",
+        hex_lines(&h.mk_digest_salt, "               \t")
+    );
     let _ = writeln!(s, "MK iterations: \t{}", h.mk_digest_iterations);
     let _ = writeln!(s, "UUID:          \t{}\n", h.uuid);
     for (i, k) in h.keyslots.iter().enumerate() {
@@ -38,7 +46,11 @@ pub(crate) fn luks1(h: &Luks1Header) -> String {
         }
         let _ = writeln!(s, "Key Slot {i}: ENABLED");
         let _ = writeln!(s, "\tIterations:         \t{}", k.iterations);
-        let _ = writeln!(s, "\tSalt:               \t{}", hex_lines(&k.salt, "\t                    \t"));
+        let _ = writeln!(
+            s,
+            "\tSalt:               \t{}",
+            hex_lines(&k.salt, "\t                    \t")
+        );
         let _ = writeln!(s, "\tKey material offset:\t{}", k.key_material_offset);
         let _ = writeln!(s, "\tAF stripes:         \t{}", k.stripes);
     }
@@ -63,7 +75,11 @@ pub(crate) fn luks2(h: &Luks2Header) -> String {
     let _ = writeln!(s, "Keyslots area: \t{} [bytes]", m.config.keyslots_size);
     let _ = writeln!(s, "UUID:          \t{}", h.uuid);
     let _ = writeln!(s, "Label:         \t{}", or_none(&h.label, "(no label)"));
-    let _ = writeln!(s, "Subsystem:     \t{}", or_none(&h.bin.subsystem, "(no subsystem)"));
+    let _ = writeln!(
+        s,
+        "Subsystem:     \t{}",
+        or_none(&h.bin.subsystem, "(no subsystem)")
+    );
     let flags = m.config.flags.join(" ");
     let _ = writeln!(s, "Flags:       \t{}", or_none(&flags, "(no flags)"));
     if !m.config.requirements.is_empty() {
@@ -93,7 +109,12 @@ pub(crate) fn luks2(h: &Luks2Header) -> String {
         }
     }
     let _ = writeln!(s, "\nKeyslots:");
-    let digest_of = |slot: u32| m.digests.iter().find(|(_, d)| d.keyslots.contains(&slot)).map(|(i, _)| *i);
+    let digest_of = |slot: u32| {
+        m.digests
+            .iter()
+            .find(|(_, d)| d.keyslots.contains(&slot))
+            .map(|(i, _)| *i)
+    };
     for (id, k) in &m.keyslots {
         let _ = writeln!(s, "  {id}: luks2");
         let _ = writeln!(s, "\tKey:        {} bits", u64::from(k.key_size) * 8);
@@ -106,13 +127,23 @@ pub(crate) fn luks2(h: &Luks2Header) -> String {
         let _ = writeln!(s, "\tCipher:     {}", k.area.encryption);
         let _ = writeln!(s, "\tCipher key: {} bits", u64::from(k.area.key_size) * 8);
         match &k.kdf {
-            Kdf::Pbkdf2 { hash, iterations, salt } => {
+            Kdf::Pbkdf2 {
+                hash,
+                iterations,
+                salt,
+            } => {
                 let _ = writeln!(s, "\tPBKDF:      pbkdf2");
                 let _ = writeln!(s, "\tHash:       {hash}");
                 let _ = writeln!(s, "\tIterations: {iterations}");
                 let _ = writeln!(s, "\tSalt:       {}", hex_lines(salt, "\t            "));
             }
-            Kdf::Argon2 { variant, time, memory_kib, cpus, salt } => {
+            Kdf::Argon2 {
+                variant,
+                time,
+                memory_kib,
+                cpus,
+                salt,
+            } => {
                 let _ = writeln!(s, "\tPBKDF:      {}", variant.name());
                 let _ = writeln!(s, "\tTime cost:  {time}");
                 let _ = writeln!(s, "\tMemory:     {memory_kib}");
@@ -141,7 +172,11 @@ pub(crate) fn luks2(h: &Luks2Header) -> String {
         let _ = writeln!(s, "\tHash:       {}", d.hash);
         let _ = writeln!(s, "\tIterations: {}", d.iterations);
         let _ = writeln!(s, "\tSalt:       {}", hex_lines(&d.salt, "\t            "));
-        let _ = writeln!(s, "\tDigest:     {}", hex_lines(&d.digest, "\t            "));
+        let _ = writeln!(
+            s,
+            "\tDigest:     {}",
+            hex_lines(&d.digest, "\t            ")
+        );
     }
     s
 }

@@ -126,7 +126,11 @@ impl LuksError {
         LuksError::BadParam(msg.into())
     }
 
-    pub(crate) fn header(copy: HeaderCopy, field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn header(
+        copy: HeaderCopy,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         LuksError::BadHeader {
             copy,
             field: field.into(),
@@ -134,7 +138,11 @@ impl LuksError {
         }
     }
 
-    pub(crate) fn json(copy: HeaderCopy, path: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn json(
+        copy: HeaderCopy,
+        path: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         LuksError::BadJson {
             copy,
             path: path.into(),

@@ -25,7 +25,11 @@ impl HashAlg {
             "sha256" => HashAlg::Sha256,
             "sha384" => HashAlg::Sha384,
             "sha512" => HashAlg::Sha512,
-            _ => return Err(format!("hash {name:?} is not supported (sha1, sha224, sha256, sha384, sha512 are)")),
+            _ => {
+                return Err(format!(
+                    "hash {name:?} is not supported (sha1, sha224, sha256, sha384, sha512 are)"
+                ))
+            }
         })
     }
 
@@ -63,7 +67,13 @@ impl HashAlg {
     }
 
     /// PBKDF2-HMAC with this hash, filling `out`.
-    pub(crate) fn pbkdf2(self, password: &[u8], salt: &[u8], iterations: u32, out: &mut [u8]) -> Result<(), LuksError> {
+    pub(crate) fn pbkdf2(
+        self,
+        password: &[u8],
+        salt: &[u8],
+        iterations: u32,
+        out: &mut [u8],
+    ) -> Result<(), LuksError> {
         if iterations == 0 {
             return Err(LuksError::Kdf {
                 kdf: "pbkdf2".into(),
@@ -131,8 +141,11 @@ pub(crate) fn argon2(
             "memory {memory_kib} KiB is more than the maximum {MAX_ARGON2_MEMORY_KIB} KiB"
         )));
     }
-    let params = argon2::Params::new(memory_kib, time, lanes, Some(out.len()))
-        .map_err(|e| err(format!("time {time}, memory {memory_kib} KiB, threads {lanes}: {e}")))?;
+    let params = argon2::Params::new(memory_kib, time, lanes, Some(out.len())).map_err(|e| {
+        err(format!(
+            "time {time}, memory {memory_kib} KiB, threads {lanes}: {e}"
+        ))
+    })?;
     let alg = match variant {
         Argon2Variant::Argon2i => argon2::Algorithm::Argon2i,
         Argon2Variant::Argon2id => argon2::Algorithm::Argon2id,
@@ -156,12 +169,14 @@ mod tests {
     #[test]
     fn pbkdf2_sha1_vector() {
         let mut out = [0u8; 20];
-        HashAlg::Sha1.pbkdf2(b"password", b"salt", 2, &mut out).unwrap();
+        HashAlg::Sha1
+            .pbkdf2(b"password", b"salt", 2, &mut out)
+            .unwrap();
         assert_eq!(
             out,
             [
-                0xea, 0x6c, 0x01, 0x4d, 0xc7, 0x2d, 0x6f, 0x8c, 0xcd, 0x1e, 0xd9, 0x2a, 0xce, 0x1d, 0x41, 0xf0, 0xd8,
-                0xde, 0x89, 0x57
+                0xea, 0x6c, 0x01, 0x4d, 0xc7, 0x2d, 0x6f, 0x8c, 0xcd, 0x1e, 0xd9, 0x2a, 0xce, 0x1d,
+                0x41, 0xf0, 0xd8, 0xde, 0x89, 0x57
             ]
         );
     }
@@ -172,8 +187,35 @@ mod tests {
         assert_eq!(HashAlg::parse("SHA256").unwrap(), HashAlg::Sha256);
         let mut out = [0u8; 32];
         assert!(HashAlg::Sha256.pbkdf2(b"p", b"s", 0, &mut out).is_err());
-        assert!(argon2(Argon2Variant::Argon2id, b"p", b"saltsalt", 1, 1, 1, &mut out).is_err());
-        assert!(argon2(Argon2Variant::Argon2id, b"p", b"saltsalt", 1, u32::MAX, 1, &mut out).is_err());
-        assert!(argon2(Argon2Variant::Argon2id, b"p", b"saltsalt", 0, 64, 1, &mut out).is_err());
+        assert!(argon2(
+            Argon2Variant::Argon2id,
+            b"p",
+            b"saltsalt",
+            1,
+            1,
+            1,
+            &mut out
+        )
+        .is_err());
+        assert!(argon2(
+            Argon2Variant::Argon2id,
+            b"p",
+            b"saltsalt",
+            1,
+            u32::MAX,
+            1,
+            &mut out
+        )
+        .is_err());
+        assert!(argon2(
+            Argon2Variant::Argon2id,
+            b"p",
+            b"saltsalt",
+            0,
+            64,
+            1,
+            &mut out
+        )
+        .is_err());
     }
 }

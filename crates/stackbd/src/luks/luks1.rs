@@ -69,7 +69,11 @@ fn text(b: &[u8], field: &str) -> Result<String, LuksError> {
     let s = std::str::from_utf8(&b[..end])
         .map_err(|_| LuksError::header(HeaderCopy::Luks1, field, "not UTF-8 text"))?;
     if s.chars().any(|c| c.is_control()) {
-        return Err(LuksError::header(HeaderCopy::Luks1, field, "has control characters"));
+        return Err(LuksError::header(
+            HeaderCopy::Luks1,
+            field,
+            "has control characters",
+        ));
     }
     Ok(s.to_string())
 }
@@ -110,7 +114,10 @@ impl Luks1Header {
         }
         HashAlg::parse(&hash_spec).map_err(|e| bad("hash-spec", e))?;
         if key_bytes == 0 || key_bytes > MAX_KEY_BYTES {
-            return Err(bad("key-bytes", format!("{key_bytes} is not in 1..={MAX_KEY_BYTES}")));
+            return Err(bad(
+                "key-bytes",
+                format!("{key_bytes} is not in 1..={MAX_KEY_BYTES}"),
+            ));
         }
         if mk_digest_iterations == 0 {
             return Err(bad("mk-digest-iter", "0".into()));
@@ -136,7 +143,12 @@ impl Luks1Header {
             let active = match be32(buf, at) {
                 KEY_ENABLED => true,
                 KEY_DISABLED => false,
-                v => return Err(bad(&field("active"), format!("{v:#010x} is neither enabled nor disabled"))),
+                v => {
+                    return Err(bad(
+                        &field("active"),
+                        format!("{v:#010x} is neither enabled nor disabled"),
+                    ))
+                }
             };
             ks.active = active;
             ks.iterations = be32(buf, at + 4);
@@ -158,7 +170,10 @@ impl Luks1Header {
             let start = u64::from(ks.key_material_offset) * SECTOR;
             let end = start + len;
             if start < PHDR_LEN as u64 {
-                return Err(bad(&field("key-material-offset"), format!("sector {} overlaps the header", ks.key_material_offset)));
+                return Err(bad(
+                    &field("key-material-offset"),
+                    format!("sector {} overlaps the header", ks.key_material_offset),
+                ));
             }
             if end > dev_size {
                 return Err(bad(
@@ -173,7 +188,10 @@ impl Luks1Header {
                 ));
             }
             if len > 64 << 20 {
-                return Err(bad(&field("stripes"), format!("{} stripes make {len} bytes of key material", ks.stripes)));
+                return Err(bad(
+                    &field("stripes"),
+                    format!("{} stripes make {len} bytes of key material", ks.stripes),
+                ));
             }
         }
         Ok(Luks1Header {
@@ -232,8 +250,12 @@ impl Luks1Header {
             return Ok(false);
         }
         let mut d = Zeroizing::new([0u8; DIGEST_LEN]);
-        self.hash()
-            .pbkdf2(key, &self.mk_digest_salt, self.mk_digest_iterations, &mut d[..])?;
+        self.hash().pbkdf2(
+            key,
+            &self.mk_digest_salt,
+            self.mk_digest_iterations,
+            &mut d[..],
+        )?;
         Ok(ct_eq(&d[..], &self.mk_digest))
     }
 
@@ -246,7 +268,10 @@ impl Luks1Header {
     ) -> Result<VolumeKey, LuksError> {
         let slots = match slot {
             Some(s) => {
-                let ks = self.keyslots.get(s as usize).ok_or(LuksError::NoSuchKeyslot(s))?;
+                let ks = self
+                    .keyslots
+                    .get(s as usize)
+                    .ok_or(LuksError::NoSuchKeyslot(s))?;
                 if !ks.active {
                     return Err(LuksError::NoSuchKeyslot(s));
                 }
@@ -263,7 +288,10 @@ impl Luks1Header {
             hash.pbkdf2(passphrase, &ks.salt, ks.iterations, &mut derived)?;
             // Bounded by parse: at most 64 MiB.
             let af_len = n * ks.stripes as usize;
-            let mut buf = Zeroizing::new(vec![0u8; af_len.div_ceil(SECTOR as usize) * SECTOR as usize]);
+            let mut buf = Zeroizing::new(vec![
+                0u8;
+                af_len.div_ceil(SECTOR as usize) * SECTOR as usize
+            ]);
             dev.read_exact_at(&mut buf, u64::from(ks.key_material_offset) * SECTOR)
                 .map_err(|e| LuksError::io(format!("reading key slot {s} key material"), e))?;
             area::decrypt(&self.cipher(), &derived, &mut buf)?;
@@ -272,7 +300,10 @@ impl Luks1Header {
                 tracing::info!(keyslot = s, uuid = %self.uuid, "LUKS1 key slot opened");
                 return Ok(VolumeKey::new(mk, Some(s)));
             }
-            tracing::debug!(keyslot = s, "LUKS1 key slot did not open with this passphrase");
+            tracing::debug!(
+                keyslot = s,
+                "LUKS1 key slot did not open with this passphrase"
+            );
         }
         Err(LuksError::WrongPassphrase)
     }

@@ -83,7 +83,12 @@ impl VolumeKey {
 
 impl std::fmt::Debug for VolumeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VolumeKey({} bytes, keyslot {:?})", self.bytes.len(), self.keyslot)
+        write!(
+            f,
+            "VolumeKey({} bytes, keyslot {:?})",
+            self.bytes.len(),
+            self.keyslot
+        )
     }
 }
 
@@ -119,7 +124,7 @@ impl CryptParams {
             .payload_offset_sectors
             .checked_mul(SECTOR)
             .ok_or_else(|| LuksError::bad_param("payload offset overflows"))?;
-        let avail = dev_bytes.checked_sub(start).unwrap_or(0);
+        let avail = dev_bytes.saturating_sub(start);
         let sectors = match self.payload_sectors {
             Some(n) => {
                 let need = n
@@ -152,7 +157,7 @@ impl CryptParams {
 #[derive(Clone, Debug)]
 pub enum Header {
     /// A LUKS1 `phdr`.
-    Luks1(luks1::Luks1Header),
+    Luks1(Box<luks1::Luks1Header>),
     /// A LUKS2 header (the copy chosen by [`luks2::Luks2Header::read`]).
     Luks2(Box<luks2::Luks2Header>),
 }
@@ -174,7 +179,9 @@ impl Header {
         let version = u16::from_be_bytes([first[6], first[7]]);
         let magic_ok = first[..6] == luks1::MAGIC;
         match (magic_ok, version) {
-            (true, 1) => Ok(Header::Luks1(luks1::Luks1Header::read(dev, dev_size)?)),
+            (true, 1) => Ok(Header::Luks1(Box::new(luks1::Luks1Header::read(
+                dev, dev_size,
+            )?))),
             // A LUKS2 primary copy; or a bad primary whose secondary may still be good.
             (true, 2) => Ok(Header::Luks2(Box::new(luks2::Luks2Header::read(
                 dev, dev_size,

@@ -6,7 +6,11 @@ use std::process::Command;
 
 /// Whether cryptsetup is installed; prints why a test is skipped when it is not.
 pub fn have_cryptsetup(test: &str) -> bool {
-    let ok = Command::new("cryptsetup").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("cryptsetup")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
         eprintln!("SKIP {test}: cryptsetup is not installed (apt-get install cryptsetup-bin)");
     }
@@ -15,7 +19,10 @@ pub fn have_cryptsetup(test: &str) -> bool {
 
 /// Runs cryptsetup with `args`; returns (success, stdout, stderr).
 pub fn cryptsetup(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("cryptsetup").args(args).output().expect("run cryptsetup");
+    let out = Command::new("cryptsetup")
+        .args(args)
+        .output()
+        .expect("run cryptsetup");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -65,13 +72,24 @@ impl Img {
     }
 
     pub fn open(&self) -> std::fs::File {
-        std::fs::OpenOptions::new().read(true).write(true).open(&self.path).unwrap()
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .unwrap()
     }
 }
 
 /// The volume key `cryptsetup luksDump --dump-volume-key` prints for `img` opened by `keyfile`.
 pub fn dumped_volume_key(img: &Path, keyfile: &str) -> Vec<u8> {
-    let out = cryptsetup_ok(&["luksDump", "-q", "--dump-volume-key", "--key-file", keyfile, img.to_str().unwrap()]);
+    let out = cryptsetup_ok(&[
+        "luksDump",
+        "-q",
+        "--dump-volume-key",
+        "--key-file",
+        keyfile,
+        img.to_str().unwrap(),
+    ]);
     let start = out.find("MK dump:").expect("an MK dump line") + "MK dump:".len();
     let mut key = Vec::new();
     for (i, line) in out[start..].lines().enumerate() {
@@ -89,9 +107,34 @@ pub fn dumped_volume_key(img: &Path, keyfile: &str) -> Vec<u8> {
 /// KDF arguments that keep cryptsetup (and our debug-built unlock) fast.
 pub fn fast_kdf(kdf: &str) -> Vec<&'static str> {
     match kdf {
-        "pbkdf2" => vec!["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha256"],
-        "argon2i" => vec!["--pbkdf", "argon2i", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1"],
-        "argon2id" => vec!["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "64", "--pbkdf-parallel", "2"],
+        "pbkdf2" => vec![
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--hash",
+            "sha256",
+        ],
+        "argon2i" => vec![
+            "--pbkdf",
+            "argon2i",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "32",
+            "--pbkdf-parallel",
+            "1",
+        ],
+        "argon2id" => vec![
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "64",
+            "--pbkdf-parallel",
+            "2",
+        ],
         other => panic!("no fast args for {other}"),
     }
 }

@@ -95,7 +95,14 @@ fn random_uuid() -> Result<String, LuksError> {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 fn check_uuid(u: &str) -> Result<(), LuksError> {
@@ -107,7 +114,9 @@ fn check_uuid(u: &str) -> Result<(), LuksError> {
     if ok {
         Ok(())
     } else {
-        Err(LuksError::bad_param(format!("UUID {u:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")))
+        Err(LuksError::bad_param(format!(
+            "UUID {u:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+        )))
     }
 }
 
@@ -120,26 +129,48 @@ fn check(opts: &FormatOptions, dev_size: u64) -> Result<u64, LuksError> {
     let bad = |m: String| Err(LuksError::bad_param(m));
     area::check_cipher(&opts.cipher, opts.key_bytes)?;
     if opts.key_bytes == 0 || opts.key_bytes > super::json::MAX_KEY_BYTES as usize {
-        return bad(format!("key size {} bytes is not in 1..={}", opts.key_bytes, super::json::MAX_KEY_BYTES));
+        return bad(format!(
+            "key size {} bytes is not in 1..={}",
+            opts.key_bytes,
+            super::json::MAX_KEY_BYTES
+        ));
     }
     if !matches!(opts.sector_size, 512 | 1024 | 2048 | 4096) {
-        return bad(format!("sector size {} is not 512, 1024, 2048 or 4096", opts.sector_size));
+        return bad(format!(
+            "sector size {} is not 512, 1024, 2048 or 4096",
+            opts.sector_size
+        ));
     }
     if opts.label.len() > 47 || opts.label.chars().any(char::is_control) {
-        return bad(format!("label {:?} is longer than 47 bytes or has control characters", opts.label));
+        return bad(format!(
+            "label {:?} is longer than 47 bytes or has control characters",
+            opts.label
+        ));
     }
     if let Some(u) = &opts.uuid {
         check_uuid(u)?;
     }
     if opts.digest_iterations < 1000 {
-        return bad(format!("{} digest iterations is below cryptsetup's minimum of 1000", opts.digest_iterations));
+        return bad(format!(
+            "{} digest iterations is below cryptsetup's minimum of 1000",
+            opts.digest_iterations
+        ));
     }
     match &opts.kdf {
-        KdfOptions::Argon2 { time, memory_kib, parallel, .. } => {
+        KdfOptions::Argon2 {
+            time,
+            memory_kib,
+            parallel,
+            ..
+        } => {
             if *time == 0 || *parallel == 0 || *parallel > 0xff_ffff {
-                return bad(format!("argon2 time {time} and threads {parallel} must be positive"));
+                return bad(format!(
+                    "argon2 time {time} and threads {parallel} must be positive"
+                ));
             }
-            if u64::from(*memory_kib) < 8 * u64::from(*parallel) || *memory_kib > MAX_ARGON2_MEMORY_KIB {
+            if u64::from(*memory_kib) < 8 * u64::from(*parallel)
+                || *memory_kib > MAX_ARGON2_MEMORY_KIB
+            {
                 return bad(format!(
                     "argon2 memory {memory_kib} KiB is not in {}..={MAX_ARGON2_MEMORY_KIB} KiB",
                     8 * parallel
@@ -155,19 +186,27 @@ fn check(opts: &FormatOptions, dev_size: u64) -> Result<u64, LuksError> {
     }
     let area_size = (opts.key_bytes as u64 * u64::from(STRIPES)).div_ceil(4096) * 4096;
     let off = opts.data_offset;
-    if off % 4096 != 0 || off < KEYSLOTS_OFFSET + area_size || off - KEYSLOTS_OFFSET > super::json::MAX_AREA_BYTES {
+    if !off.is_multiple_of(4096)
+        || off < KEYSLOTS_OFFSET + area_size
+        || off - KEYSLOTS_OFFSET > super::json::MAX_AREA_BYTES
+    {
         return bad(format!(
             "data offset {off} must be a multiple of 4096 in {}..={}",
             KEYSLOTS_OFFSET + area_size,
             KEYSLOTS_OFFSET + super::json::MAX_AREA_BYTES
         ));
     }
-    let data = dev_size.checked_sub(off).unwrap_or(0);
+    let data = dev_size.saturating_sub(off);
     if data < u64::from(opts.sector_size) {
-        return bad(format!("the {dev_size}-byte device has no room for data after the header ({off} bytes)"));
+        return bad(format!(
+            "the {dev_size}-byte device has no room for data after the header ({off} bytes)"
+        ));
     }
-    if data % u64::from(opts.sector_size) != 0 {
-        return bad(format!("the data area ({data} bytes) is not a multiple of the {}-byte sector", opts.sector_size));
+    if !data.is_multiple_of(u64::from(opts.sector_size)) {
+        return bad(format!(
+            "the data area ({data} bytes) is not a multiple of the {}-byte sector",
+            opts.sector_size
+        ));
     }
     Ok(area_size)
 }
@@ -201,8 +240,21 @@ pub fn format_luks2<D: WriteAt + ?Sized>(
     // The keyslot: KDF, AF split, encryption with the data cipher.
     let mut derived = Zeroizing::new(vec![0u8; opts.key_bytes]);
     let kdf_json = match &opts.kdf {
-        KdfOptions::Argon2 { variant, time, memory_kib, parallel } => {
-            kdf::argon2(*variant, passphrase, &ks_salt, *time, *memory_kib, *parallel, &mut derived)?;
+        KdfOptions::Argon2 {
+            variant,
+            time,
+            memory_kib,
+            parallel,
+        } => {
+            kdf::argon2(
+                *variant,
+                passphrase,
+                &ks_salt,
+                *time,
+                *memory_kib,
+                *parallel,
+                &mut derived,
+            )?;
             json!({"type": variant.name(), "time": time, "memory": memory_kib, "cpus": parallel, "salt": b64(&ks_salt)})
         }
         KdfOptions::Pbkdf2 { hash, iterations } => {
@@ -211,7 +263,8 @@ pub fn format_luks2<D: WriteAt + ?Sized>(
             json!({"type": "pbkdf2", "hash": h.name(), "iterations": iterations, "salt": b64(&ks_salt)})
         }
     };
-    let split = af::split(HashAlg::Sha256, &vk, STRIPES as usize, random).map_err(LuksError::bad_param)?;
+    let split =
+        af::split(HashAlg::Sha256, &vk, STRIPES as usize, random).map_err(LuksError::bad_param)?;
     // area_size <= 128 MiB (checked).
     let mut area_buf = Zeroizing::new(vec![0u8; area_size as usize]);
     area_buf[..split.len()].copy_from_slice(&split);

@@ -63,8 +63,12 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 fn text(b: &[u8], copy: HeaderCopy, field: &str) -> Result<String, LuksError> {
-    let end = b.iter().position(|&c| c == 0).ok_or_else(|| LuksError::header(copy, field, "not NUL-terminated"))?;
-    let s = std::str::from_utf8(&b[..end]).map_err(|_| LuksError::header(copy, field, "not UTF-8 text"))?;
+    let end = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or_else(|| LuksError::header(copy, field, "not NUL-terminated"))?;
+    let s = std::str::from_utf8(&b[..end])
+        .map_err(|_| LuksError::header(copy, field, "not UTF-8 text"))?;
     if s.chars().any(|c| c.is_control()) {
         return Err(LuksError::header(copy, field, "has control characters"));
     }
@@ -73,7 +77,10 @@ fn text(b: &[u8], copy: HeaderCopy, field: &str) -> Result<String, LuksError> {
 
 fn put_text(b: &mut [u8], s: &str, field: &str) -> Result<(), LuksError> {
     if s.len() >= b.len() {
-        return Err(LuksError::bad_param(format!("{field} {s:?} is longer than {} bytes", b.len() - 1)));
+        return Err(LuksError::bad_param(format!(
+            "{field} {s:?} is longer than {} bytes",
+            b.len() - 1
+        )));
     }
     b[..s.len()].copy_from_slice(s.as_bytes());
     Ok(())
@@ -94,15 +101,27 @@ impl BinHeader {
         }
         let version = u16::from_be_bytes([b[6], b[7]]);
         if version != 2 {
-            return Err(LuksError::header(copy, "version", format!("{version}, not 2")));
+            return Err(LuksError::header(
+                copy,
+                "version",
+                format!("{version}, not 2"),
+            ));
         }
         let hdr_size = be64(b, OFF_HDR_SIZE);
         if !HDR_SIZES.contains(&hdr_size) {
-            return Err(LuksError::header(copy, "hdr_size", format!("{hdr_size} is not a LUKS2 metadata size (16 KiB..4 MiB, a power of two)")));
+            return Err(LuksError::header(
+                copy,
+                "hdr_size",
+                format!("{hdr_size} is not a LUKS2 metadata size (16 KiB..4 MiB, a power of two)"),
+            ));
         }
         let hdr_offset = be64(b, OFF_HDR_OFFSET);
         if hdr_offset != at {
-            return Err(LuksError::header(copy, "hdr_offset", format!("{hdr_offset}, but the copy is at byte {at}")));
+            return Err(LuksError::header(
+                copy,
+                "hdr_offset",
+                format!("{hdr_offset}, but the copy is at byte {at}"),
+            ));
         }
         let mut salt = [0u8; 64];
         salt.copy_from_slice(&b[OFF_SALT..OFF_SALT + 64]);
@@ -129,10 +148,18 @@ impl BinHeader {
         b[OFF_HDR_SIZE..OFF_HDR_SIZE + 8].copy_from_slice(&self.hdr_size.to_be_bytes());
         b[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&self.seqid.to_be_bytes());
         put_text(&mut b[OFF_LABEL..OFF_LABEL + 48], &self.label, "label")?;
-        put_text(&mut b[OFF_CSUM_ALG..OFF_CSUM_ALG + 32], &self.csum_alg, "checksum_alg")?;
+        put_text(
+            &mut b[OFF_CSUM_ALG..OFF_CSUM_ALG + 32],
+            &self.csum_alg,
+            "checksum_alg",
+        )?;
         b[OFF_SALT..OFF_SALT + 64].copy_from_slice(&self.salt);
         put_text(&mut b[OFF_UUID..OFF_UUID + 40], &self.uuid, "uuid")?;
-        put_text(&mut b[OFF_SUBSYSTEM..OFF_SUBSYSTEM + 48], &self.subsystem, "subsystem")?;
+        put_text(
+            &mut b[OFF_SUBSYSTEM..OFF_SUBSYSTEM + 48],
+            &self.subsystem,
+            "subsystem",
+        )?;
         b[OFF_HDR_OFFSET..OFF_HDR_OFFSET + 8].copy_from_slice(&self.hdr_offset.to_be_bytes());
         Ok(b)
     }
@@ -141,16 +168,28 @@ impl BinHeader {
 /// The checksum of a whole metadata area (`area.len() == hdr_size`), computed with the checksum
 /// field taken as zero.
 fn checksum(alg: HashAlg, area: &[u8]) -> ([u8; 64], usize) {
-    alg.hash(&[&area[..OFF_CSUM], &[0u8; CSUM_LEN], &area[OFF_CSUM + CSUM_LEN..]])
+    alg.hash(&[
+        &area[..OFF_CSUM],
+        &[0u8; CSUM_LEN],
+        &area[OFF_CSUM + CSUM_LEN..],
+    ])
 }
 
 /// Verifies the stored checksum of a metadata area read for `copy`.
 pub fn verify_checksum(bin: &BinHeader, area: &[u8], copy: HeaderCopy) -> Result<(), LuksError> {
-    let alg = HashAlg::parse(&bin.csum_alg).map_err(|e| LuksError::header(copy, "checksum_alg", e))?;
+    let alg =
+        HashAlg::parse(&bin.csum_alg).map_err(|e| LuksError::header(copy, "checksum_alg", e))?;
     let (sum, n) = checksum(alg, area);
     let stored = &area[OFF_CSUM..OFF_CSUM + CSUM_LEN];
     if !ct_eq(&sum[..n], &stored[..n]) {
-        return Err(LuksError::header(copy, "checksum", format!("the {} of the metadata does not match the stored one", alg.name())));
+        return Err(LuksError::header(
+            copy,
+            "checksum",
+            format!(
+                "the {} of the metadata does not match the stored one",
+                alg.name()
+            ),
+        ));
     }
     Ok(())
 }
@@ -163,7 +202,9 @@ pub fn read_copy<D: ReadAt + ?Sized>(
     at: u64,
     copy: HeaderCopy,
 ) -> Result<(BinHeader, Vec<u8>), LuksError> {
-    let end = at.checked_add(BIN_LEN as u64).ok_or_else(|| LuksError::header(copy, "hdr_offset", "overflows"))?;
+    let end = at
+        .checked_add(BIN_LEN as u64)
+        .ok_or_else(|| LuksError::header(copy, "hdr_offset", "overflows"))?;
     if end > dev_size {
         return Err(LuksError::Truncated {
             what: format!("{copy}"),
@@ -172,9 +213,12 @@ pub fn read_copy<D: ReadAt + ?Sized>(
         });
     }
     let mut bin = vec![0u8; BIN_LEN];
-    dev.read_exact_at(&mut bin, at).map_err(|e| LuksError::io(format!("reading the {copy}"), e))?;
+    dev.read_exact_at(&mut bin, at)
+        .map_err(|e| LuksError::io(format!("reading the {copy}"), e))?;
     let h = BinHeader::parse(&bin, copy, at)?;
-    let end = at.checked_add(h.hdr_size).ok_or_else(|| LuksError::header(copy, "hdr_size", "overflows"))?;
+    let end = at
+        .checked_add(h.hdr_size)
+        .ok_or_else(|| LuksError::header(copy, "hdr_size", "overflows"))?;
     if end > dev_size {
         return Err(LuksError::Truncated {
             what: format!("{copy} metadata ({} bytes)", h.hdr_size),
@@ -199,11 +243,17 @@ pub fn read_copy<D: ReadAt + ?Sized>(
 pub fn build_copy(h: &BinHeader, json: &[u8], copy: HeaderCopy) -> Result<Vec<u8>, LuksError> {
     let alg = HashAlg::parse(&h.csum_alg).map_err(LuksError::bad_param)?;
     if !HDR_SIZES.contains(&h.hdr_size) {
-        return Err(LuksError::bad_param(format!("hdr_size {} is not a LUKS2 metadata size", h.hdr_size)));
+        return Err(LuksError::bad_param(format!(
+            "hdr_size {} is not a LUKS2 metadata size",
+            h.hdr_size
+        )));
     }
     let json_area = h.hdr_size as usize - BIN_LEN;
     if json.len() >= json_area {
-        return Err(LuksError::bad_param(format!("JSON metadata of {} bytes does not fit in {json_area} bytes", json.len())));
+        return Err(LuksError::bad_param(format!(
+            "JSON metadata of {} bytes does not fit in {json_area} bytes",
+            json.len()
+        )));
     }
     let mut area = h.to_bytes(copy)?;
     area.resize(h.hdr_size as usize, 0);
@@ -230,6 +280,8 @@ pub fn write_copies<D: WriteAt + ?Sized>(
     let mut first = h.clone();
     first.hdr_offset = 0;
     let area = build_copy(&first, json, HeaderCopy::Primary)?;
-    dev.write_all_at(&area, 0).map_err(|e| LuksError::io("writing the primary LUKS2 header", e))?;
-    dev.sync().map_err(|e| LuksError::io("syncing the LUKS2 headers", e))
+    dev.write_all_at(&area, 0)
+        .map_err(|e| LuksError::io("writing the primary LUKS2 header", e))?;
+    dev.sync()
+        .map_err(|e| LuksError::io("syncing the LUKS2 headers", e))
 }

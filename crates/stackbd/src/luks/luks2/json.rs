@@ -161,12 +161,26 @@ impl P {
         v.as_object().ok_or_else(|| self.err(path, "not an object"))
     }
 
-    fn get<'a>(&self, m: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a Value, LuksError> {
-        let full = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    fn get<'a>(
+        &self,
+        m: &'a Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Result<&'a Value, LuksError> {
+        let full = if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        };
         m.get(key).ok_or_else(|| self.err(&full, "missing"))
     }
 
-    fn str<'a>(&self, m: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a str, LuksError> {
+    fn str<'a>(
+        &self,
+        m: &'a Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Result<&'a str, LuksError> {
         self.get(m, key, path)?
             .as_str()
             .ok_or_else(|| self.err(&format!("{path}.{key}"), "not a string"))
@@ -179,14 +193,24 @@ impl P {
         if s.is_empty() || s.len() > 20 || !s.bytes().all(|c| c.is_ascii_digit()) {
             return Err(self.err(&p, format!("{s:?} is not a decimal number")));
         }
-        s.parse::<u64>().map_err(|_| self.err(&p, format!("{s} does not fit in 64 bits")))
+        s.parse::<u64>()
+            .map_err(|_| self.err(&p, format!("{s} does not fit in 64 bits")))
     }
 
     /// A JSON integer in `min..=max`.
-    fn int(&self, m: &Map<String, Value>, key: &str, path: &str, min: u64, max: u64) -> Result<u32, LuksError> {
+    fn int(
+        &self,
+        m: &Map<String, Value>,
+        key: &str,
+        path: &str,
+        min: u64,
+        max: u64,
+    ) -> Result<u32, LuksError> {
         let v = self.get(m, key, path)?;
         let p = format!("{path}.{key}");
-        let n = v.as_u64().ok_or_else(|| self.err(&p, format!("{v} is not a non-negative integer")))?;
+        let n = v
+            .as_u64()
+            .ok_or_else(|| self.err(&p, format!("{v} is not a non-negative integer")))?;
         if n < min || n > max {
             return Err(self.err(&p, format!("{n} is not in {min}..={max}")));
         }
@@ -225,12 +249,22 @@ impl P {
         }
     }
 
-    fn id_list(&self, m: &Map<String, Value>, key: &str, path: &str) -> Result<Vec<u32>, LuksError> {
+    fn id_list(
+        &self,
+        m: &Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Result<Vec<u32>, LuksError> {
         let p = format!("{path}.{key}");
-        let a = self.get(m, key, path)?.as_array().ok_or_else(|| self.err(&p, "not an array"))?;
+        let a = self
+            .get(m, key, path)?
+            .as_array()
+            .ok_or_else(|| self.err(&p, "not an array"))?;
         a.iter()
             .map(|v| {
-                let s = v.as_str().ok_or_else(|| self.err(&p, "an entry is not a string"))?;
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| self.err(&p, "an entry is not a string"))?;
                 self.id(s, &p, u32::MAX)
             })
             .collect()
@@ -240,7 +274,11 @@ impl P {
         let Some(v) = v else { return Ok(Vec::new()) };
         let a = v.as_array().ok_or_else(|| self.err(path, "not an array"))?;
         a.iter()
-            .map(|e| e.as_str().map(str::to_string).ok_or_else(|| self.err(path, "an entry is not a string")))
+            .map(|e| {
+                e.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| self.err(path, "an entry is not a string"))
+            })
             .collect()
     }
 }
@@ -257,7 +295,8 @@ pub struct Layout {
 /// Parses and validates the JSON text of `copy`. Pure; allocates.
 pub fn parse(text: &[u8], copy: HeaderCopy, layout: Layout) -> Result<Metadata, LuksError> {
     let p = P { copy };
-    let root: Value = serde_json::from_slice(text).map_err(|e| p.err("(document)", format!("not valid JSON: {e}")))?;
+    let root: Value = serde_json::from_slice(text)
+        .map_err(|e| p.err("(document)", format!("not valid JSON: {e}")))?;
     let root = p.obj(&root, "(document)")?;
 
     let config = parse_config(&p, p.obj(p.get(root, "config", "")?, "config")?, layout)?;
@@ -280,11 +319,17 @@ pub fn parse(text: &[u8], copy: HeaderCopy, layout: Layout) -> Result<Metadata, 
         keyslots.insert(id, parse_keyslot(&p, m, &path, (ks_start, ks_end), layout)?);
     }
     // Keyslot areas must not overlap.
-    let mut areas: Vec<(u64, u64, u32)> = keyslots.iter().map(|(i, k)| (k.area.offset, k.area.offset + k.area.size, *i)).collect();
+    let mut areas: Vec<(u64, u64, u32)> = keyslots
+        .iter()
+        .map(|(i, k)| (k.area.offset, k.area.offset + k.area.size, *i))
+        .collect();
     areas.sort_unstable();
     for w in areas.windows(2) {
         if w[1].0 < w[0].1 {
-            return Err(p.err(&format!("keyslots.{}.area", w[1].2), format!("overlaps the area of keyslot {}", w[0].2)));
+            return Err(p.err(
+                &format!("keyslots.{}.area", w[1].2),
+                format!("overlaps the area of keyslot {}", w[0].2),
+            ));
         }
     }
 
@@ -292,7 +337,10 @@ pub fn parse(text: &[u8], copy: HeaderCopy, layout: Layout) -> Result<Metadata, 
     for (k, v) in p.obj(p.get(root, "segments", "")?, "segments")? {
         let id = p.id(k, "segments", 1024)?;
         let path = format!("segments.{k}");
-        segments.insert(id, parse_segment(&p, p.obj(v, &path)?, &path, ks_end, layout)?);
+        segments.insert(
+            id,
+            parse_segment(&p, p.obj(v, &path)?, &path, ks_end, layout)?,
+        );
     }
 
     let mut digests = BTreeMap::new();
@@ -302,12 +350,18 @@ pub fn parse(text: &[u8], copy: HeaderCopy, layout: Layout) -> Result<Metadata, 
         let d = parse_digest(&p, p.obj(v, &path)?, &path)?;
         for s in &d.keyslots {
             if !keyslots.contains_key(s) && !other_keyslots.contains_key(s) {
-                return Err(p.err(&format!("{path}.keyslots"), format!("keyslot {s} does not exist")));
+                return Err(p.err(
+                    &format!("{path}.keyslots"),
+                    format!("keyslot {s} does not exist"),
+                ));
             }
         }
         for s in &d.segments {
             if !segments.contains_key(s) {
-                return Err(p.err(&format!("{path}.segments"), format!("segment {s} does not exist")));
+                return Err(p.err(
+                    &format!("{path}.segments"),
+                    format!("segment {s} does not exist"),
+                ));
             }
         }
         digests.insert(id, d);
@@ -333,23 +387,38 @@ pub fn parse(text: &[u8], copy: HeaderCopy, layout: Layout) -> Result<Metadata, 
 fn parse_config(p: &P, m: &Map<String, Value>, layout: Layout) -> Result<Config, LuksError> {
     let json_size = p.str_u64(m, "json_size", "config")?;
     if json_size != layout.hdr_size - 4096 {
-        return Err(p.err("config.json_size", format!("{json_size}, but the header says {}", layout.hdr_size - 4096)));
+        return Err(p.err(
+            "config.json_size",
+            format!(
+                "{json_size}, but the header says {}",
+                layout.hdr_size - 4096
+            ),
+        ));
     }
     let keyslots_size = p.str_u64(m, "keyslots_size", "config")?;
     if keyslots_size % 4096 != 0 {
-        return Err(p.err("config.keyslots_size", format!("{keyslots_size} is not a multiple of 4096")));
+        return Err(p.err(
+            "config.keyslots_size",
+            format!("{keyslots_size} is not a multiple of 4096"),
+        ));
     }
     let end = (layout.hdr_size * 2).checked_add(keyslots_size);
     if end.is_none_or(|e| e > layout.dev_size) {
         return Err(p.err(
             "config.keyslots_size",
-            format!("{keyslots_size}: the keyslots area ends past the end of the {}-byte device", layout.dev_size),
+            format!(
+                "{keyslots_size}: the keyslots area ends past the end of the {}-byte device",
+                layout.dev_size
+            ),
         ));
     }
     let flags = p.str_list(m.get("flags"), "config.flags")?;
     let requirements = match m.get("requirements") {
         None => Vec::new(),
-        Some(r) => p.str_list(p.obj(r, "config.requirements")?.get("mandatory"), "config.requirements.mandatory")?,
+        Some(r) => p.str_list(
+            p.obj(r, "config.requirements")?.get("mandatory"),
+            "config.requirements.mandatory",
+        )?,
     };
     Ok(Config {
         json_size,
@@ -392,23 +461,47 @@ fn parse_keyslot(
         encryption: p.str(am, "encryption", &ap)?.to_string(),
         key_size: p.int(am, "key_size", &ap, 1, u64::from(MAX_KEY_BYTES))?,
     };
-    if area.offset % SECTOR != 0 || area.size % SECTOR != 0 {
+    if !area.offset.is_multiple_of(SECTOR) || !area.size.is_multiple_of(SECTOR) {
         return Err(p.err(&ap, "offset and size must be multiples of 512"));
     }
     if area.size > MAX_AREA_BYTES {
-        return Err(p.err(&format!("{ap}.size"), format!("{} is more than {MAX_AREA_BYTES}", area.size)));
+        return Err(p.err(
+            &format!("{ap}.size"),
+            format!("{} is more than {MAX_AREA_BYTES}", area.size),
+        ));
     }
-    let end = area.offset.checked_add(area.size).ok_or_else(|| p.err(&ap, "offset + size overflows"))?;
+    let end = area
+        .offset
+        .checked_add(area.size)
+        .ok_or_else(|| p.err(&ap, "offset + size overflows"))?;
     if area.offset < ks_start || end > ks_end {
-        return Err(p.err(&ap, format!("bytes {}..{end} are not inside the keyslots area {ks_start}..{ks_end}", area.offset)));
+        return Err(p.err(
+            &ap,
+            format!(
+                "bytes {}..{end} are not inside the keyslots area {ks_start}..{ks_end}",
+                area.offset
+            ),
+        ));
     }
     if end > layout.dev_size {
-        return Err(p.err(&ap, format!("ends at byte {end}, past the end of the {}-byte device", layout.dev_size)));
+        return Err(p.err(
+            &ap,
+            format!(
+                "ends at byte {end}, past the end of the {}-byte device",
+                layout.dev_size
+            ),
+        ));
     }
     // key_size <= 1024 and stripes < 2^32: no overflow in u64.
     let af_len = u64::from(key_size) * u64::from(af.stripes);
     if af_len.div_ceil(SECTOR) * SECTOR > area.size {
-        return Err(p.err(&ap, format!("{} bytes cannot hold {} stripes of a {key_size}-byte key", area.size, af.stripes)));
+        return Err(p.err(
+            &ap,
+            format!(
+                "{} bytes cannot hold {} stripes of a {key_size}-byte key",
+                area.size, af.stripes
+            ),
+        ));
     }
 
     let kp = format!("{path}.kdf");
@@ -423,10 +516,17 @@ fn parse_keyslot(
             let cpus = p.int(km, "cpus", &kp, 1, 0xff_ffff)?;
             let memory_kib = p.int(km, "memory", &kp, 1, u64::from(MAX_ARGON2_MEMORY_KIB))?;
             if u64::from(memory_kib) < 8 * u64::from(cpus) {
-                return Err(p.err(&format!("{kp}.memory"), format!("{memory_kib} KiB is less than 8 KiB per thread ({cpus} threads)")));
+                return Err(p.err(
+                    &format!("{kp}.memory"),
+                    format!("{memory_kib} KiB is less than 8 KiB per thread ({cpus} threads)"),
+                ));
             }
             Kdf::Argon2 {
-                variant: if t == "argon2i" { Argon2Variant::Argon2i } else { Argon2Variant::Argon2id },
+                variant: if t == "argon2i" {
+                    Argon2Variant::Argon2i
+                } else {
+                    Argon2Variant::Argon2id
+                },
                 time: p.int(km, "time", &kp, 1, u64::from(u32::MAX))?,
                 memory_kib,
                 cpus,
@@ -444,7 +544,13 @@ fn parse_keyslot(
     })
 }
 
-fn parse_segment(p: &P, m: &Map<String, Value>, path: &str, ks_end: u64, layout: Layout) -> Result<Segment, LuksError> {
+fn parse_segment(
+    p: &P,
+    m: &Map<String, Value>,
+    path: &str,
+    ks_end: u64,
+    layout: Layout,
+) -> Result<Segment, LuksError> {
     let kind = p.str(m, "type", path)?.to_string();
     let offset = p.str_u64(m, "offset", path)?;
     let size = match p.str(m, "size", path)? {
@@ -455,32 +561,70 @@ fn parse_segment(p: &P, m: &Map<String, Value>, path: &str, ks_end: u64, layout:
     let (iv_tweak, encryption, sector_size, integrity) = if kind == "crypt" {
         let ss = p.int(m, "sector_size", path, 512, 4096)?;
         if !ss.is_power_of_two() {
-            return Err(p.err(&format!("{path}.sector_size"), format!("{ss} is not 512, 1024, 2048 or 4096")));
+            return Err(p.err(
+                &format!("{path}.sector_size"),
+                format!("{ss} is not 512, 1024, 2048 or 4096"),
+            ));
         }
         let integrity = match m.get("integrity") {
             None => None,
-            Some(v) => Some(p.str(p.obj(v, &format!("{path}.integrity"))?, "type", &format!("{path}.integrity"))?.to_string()),
+            Some(v) => Some(
+                p.str(
+                    p.obj(v, &format!("{path}.integrity"))?,
+                    "type",
+                    &format!("{path}.integrity"),
+                )?
+                .to_string(),
+            ),
         };
-        (p.str_u64(m, "iv_tweak", path)?, p.str(m, "encryption", path)?.to_string(), ss, integrity)
+        (
+            p.str_u64(m, "iv_tweak", path)?,
+            p.str(m, "encryption", path)?.to_string(),
+            ss,
+            integrity,
+        )
     } else {
         (0, String::new(), SECTOR as u32, None)
     };
     if offset % SECTOR != 0 {
-        return Err(p.err(&format!("{path}.offset"), format!("{offset} is not a multiple of 512")));
+        return Err(p.err(
+            &format!("{path}.offset"),
+            format!("{offset} is not a multiple of 512"),
+        ));
     }
     if offset != 0 && offset < ks_end {
-        return Err(p.err(&format!("{path}.offset"), format!("{offset} is inside the LUKS2 metadata and keyslots (they end at {ks_end})")));
+        return Err(p.err(
+            &format!("{path}.offset"),
+            format!("{offset} is inside the LUKS2 metadata and keyslots (they end at {ks_end})"),
+        ));
     }
     if offset > layout.dev_size {
-        return Err(p.err(&format!("{path}.offset"), format!("{offset} is past the end of the {}-byte device", layout.dev_size)));
+        return Err(p.err(
+            &format!("{path}.offset"),
+            format!(
+                "{offset} is past the end of the {}-byte device",
+                layout.dev_size
+            ),
+        ));
     }
     if let Some(sz) = size {
         if sz == 0 || sz % u64::from(sector_size) != 0 {
-            return Err(p.err(&format!("{path}.size"), format!("{sz} is not a positive multiple of the {sector_size}-byte sector")));
+            return Err(p.err(
+                &format!("{path}.size"),
+                format!("{sz} is not a positive multiple of the {sector_size}-byte sector"),
+            ));
         }
-        let end = offset.checked_add(sz).ok_or_else(|| p.err(&format!("{path}.size"), "offset + size overflows"))?;
+        let end = offset
+            .checked_add(sz)
+            .ok_or_else(|| p.err(&format!("{path}.size"), "offset + size overflows"))?;
         if end > layout.dev_size {
-            return Err(p.err(&format!("{path}.size"), format!("the segment ends at byte {end}, past the end of the {}-byte device", layout.dev_size)));
+            return Err(p.err(
+                &format!("{path}.size"),
+                format!(
+                    "the segment ends at byte {end}, past the end of the {}-byte device",
+                    layout.dev_size
+                ),
+            ));
         }
     }
     if iv_tweak.checked_add(offset / SECTOR).is_none() {
@@ -501,12 +645,18 @@ fn parse_segment(p: &P, m: &Map<String, Value>, path: &str, ks_end: u64, layout:
 fn parse_digest(p: &P, m: &Map<String, Value>, path: &str) -> Result<Digest, LuksError> {
     let t = p.str(m, "type", path)?;
     if t != "pbkdf2" {
-        return Err(p.err(&format!("{path}.type"), format!("digest type {t:?} is not supported")));
+        return Err(p.err(
+            &format!("{path}.type"),
+            format!("digest type {t:?} is not supported"),
+        ));
     }
     let hash = p.hash(m, "hash", path)?;
     let digest = p.b64(m, "digest", path)?;
     if digest.len() > 64 {
-        return Err(p.err(&format!("{path}.digest"), format!("{} bytes is longer than 64", digest.len())));
+        return Err(p.err(
+            &format!("{path}.digest"),
+            format!("{} bytes is longer than 64", digest.len()),
+        ));
     }
     Ok(Digest {
         keyslots: p.id_list(m, "keyslots", path)?,

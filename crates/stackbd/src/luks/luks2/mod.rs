@@ -31,7 +31,12 @@ pub struct Luks2Header {
 
 type Copy = (BinHeader, Metadata);
 
-fn read_one<D: ReadAt + ?Sized>(dev: &mut D, dev_size: u64, at: u64, copy: HeaderCopy) -> Result<Copy, LuksError> {
+fn read_one<D: ReadAt + ?Sized>(
+    dev: &mut D,
+    dev_size: u64,
+    at: u64,
+    copy: HeaderCopy,
+) -> Result<Copy, LuksError> {
     let (bin, text) = header::read_copy(dev, dev_size, at, copy)?;
     let meta = json::parse(
         &text,
@@ -87,11 +92,15 @@ impl Luks2Header {
                 }
             }
             (Ok(p), Err(e)) => {
-                warnings.push(format!("secondary LUKS2 header is bad ({e}); using the primary"));
+                warnings.push(format!(
+                    "secondary LUKS2 header is bad ({e}); using the primary"
+                ));
                 (HeaderCopy::Primary, p)
             }
             (Err(e), Ok(s)) => {
-                warnings.push(format!("primary LUKS2 header is bad ({e}); using the secondary"));
+                warnings.push(format!(
+                    "primary LUKS2 header is bad ({e}); using the secondary"
+                ));
                 (HeaderCopy::Secondary, s)
             }
             (Err(p), Err(s)) => {
@@ -126,14 +135,27 @@ impl Luks2Header {
         let mut it = self.meta.segments.iter();
         let (id, seg) = match (it.next(), it.next()) {
             (Some(s), None) => s,
-            (None, _) => return Err(LuksError::Unsupported("the volume has no data segment".into())),
-            _ => return Err(LuksError::Unsupported("the volume has several data segments (a reencryption?)".into())),
+            (None, _) => {
+                return Err(LuksError::Unsupported(
+                    "the volume has no data segment".into(),
+                ))
+            }
+            _ => {
+                return Err(LuksError::Unsupported(
+                    "the volume has several data segments (a reencryption?)".into(),
+                ))
+            }
         };
         if seg.kind != "crypt" {
-            return Err(LuksError::Unsupported(format!("segment {id} is of type {:?}, not crypt", seg.kind)));
+            return Err(LuksError::Unsupported(format!(
+                "segment {id} is of type {:?}, not crypt",
+                seg.kind
+            )));
         }
         if let Some(i) = &seg.integrity {
-            return Err(LuksError::Unsupported(format!("segment {id} uses integrity ({i})")));
+            return Err(LuksError::Unsupported(format!(
+                "segment {id} uses integrity ({i})"
+            )));
         }
         Ok((*id, seg))
     }
@@ -155,7 +177,12 @@ impl Luks2Header {
 
     /// Tries `slot`, or every keyslot bound to the data segment (high priority first, priority
     /// 0 skipped). Blocks (KDF, reads).
-    pub fn unlock<D: ReadAt + ?Sized>(&self, dev: &mut D, passphrase: &[u8], slot: Option<u32>) -> Result<VolumeKey, LuksError> {
+    pub fn unlock<D: ReadAt + ?Sized>(
+        &self,
+        dev: &mut D,
+        passphrase: &[u8],
+        slot: Option<u32>,
+    ) -> Result<VolumeKey, LuksError> {
         let digest = self.segment_digest()?;
         let slots: Vec<u32> = match slot {
             Some(s) => {
@@ -163,7 +190,9 @@ impl Luks2Header {
                     return Err(LuksError::NoSuchKeyslot(s));
                 }
                 if !digest.keyslots.contains(&s) {
-                    return Err(LuksError::Unsupported(format!("keyslot {s} does not hold the data segment's key")));
+                    return Err(LuksError::Unsupported(format!(
+                        "keyslot {s} does not hold the data segment's key"
+                    )));
                 }
                 vec![s]
             }
@@ -192,7 +221,10 @@ impl Luks2Header {
                 tracing::info!(keyslot = s, uuid = %self.uuid, "LUKS2 keyslot opened");
                 return Ok(VolumeKey::new(key, Some(s)));
             }
-            tracing::debug!(keyslot = s, "LUKS2 keyslot did not open with this passphrase");
+            tracing::debug!(
+                keyslot = s,
+                "LUKS2 keyslot did not open with this passphrase"
+            );
         }
         Err(LuksError::WrongPassphrase)
     }
@@ -206,7 +238,9 @@ impl Luks2Header {
             .iter()
             .find_map(|s| self.meta.keyslots.get(s))
             .map(|k| k.key_size as usize)
-            .ok_or_else(|| LuksError::Unsupported("no keyslot holds the data segment's key".into()))?;
+            .ok_or_else(|| {
+                LuksError::Unsupported("no keyslot holds the data segment's key".into())
+            })?;
         area::check_cipher(&seg.encryption, key_bytes)?;
         Ok(CryptParams {
             cipher: seg.encryption.clone(),
@@ -222,11 +256,19 @@ impl Luks2Header {
 
 /// Derives the keyslot key, decrypts the area and merges the AF stripes: the candidate volume
 /// key (not yet checked).
-fn open_keyslot<D: ReadAt + ?Sized>(dev: &mut D, ks: &Keyslot, passphrase: &[u8]) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+fn open_keyslot<D: ReadAt + ?Sized>(
+    dev: &mut D,
+    ks: &Keyslot,
+    passphrase: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
     area::check_cipher(&ks.area.encryption, ks.area.key_size as usize)?;
     let mut derived = Zeroizing::new(vec![0u8; ks.area.key_size as usize]);
     match &ks.kdf {
-        Kdf::Pbkdf2 { hash, iterations, salt } => {
+        Kdf::Pbkdf2 {
+            hash,
+            iterations,
+            salt,
+        } => {
             let h = HashAlg::parse(hash).map_err(LuksError::Unsupported)?;
             h.pbkdf2(passphrase, salt, *iterations, &mut derived)?;
         }
@@ -236,12 +278,23 @@ fn open_keyslot<D: ReadAt + ?Sized>(dev: &mut D, ks: &Keyslot, passphrase: &[u8]
             memory_kib,
             cpus,
             salt,
-        } => kdf::argon2(*variant, passphrase, salt, *time, *memory_kib, *cpus, &mut derived)?,
+        } => kdf::argon2(
+            *variant,
+            passphrase,
+            salt,
+            *time,
+            *memory_kib,
+            *cpus,
+            &mut derived,
+        )?,
     }
     let key_len = ks.key_size as usize;
     // Bounded by json::parse: key_size * stripes fits in the area (<= 128 MiB).
     let af_len = key_len * ks.af.stripes as usize;
-    let mut buf = Zeroizing::new(vec![0u8; af_len.div_ceil(SECTOR as usize) * SECTOR as usize]);
+    let mut buf = Zeroizing::new(vec![
+        0u8;
+        af_len.div_ceil(SECTOR as usize) * SECTOR as usize
+    ]);
     dev.read_exact_at(&mut buf, ks.area.offset)
         .map_err(|e| LuksError::io("reading the keyslot area", e))?;
     area::decrypt(&ks.area.encryption, &derived, &mut buf)?;
