@@ -186,7 +186,12 @@ impl Header {
             (true, 2) => Ok(Header::Luks2(Box::new(luks2::Luks2Header::read(
                 dev, dev_size,
             )?))),
-            (true, v) => Err(LuksError::UnsupportedVersion(v)),
+            // An unknown version: a LUKS2 primary whose version field is damaged still has its
+            // secondary copy; otherwise the version is what is wrong.
+            (true, v) => match luks2::Luks2Header::read(dev, dev_size) {
+                Ok(h) => Ok(Header::Luks2(Box::new(h))),
+                Err(_) => Err(LuksError::UnsupportedVersion(v)),
+            },
             (false, _) => {
                 // No primary magic: a LUKS2 device whose primary binary header is damaged can
                 // still be read from its secondary copy.
