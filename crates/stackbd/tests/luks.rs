@@ -354,7 +354,10 @@ fn stackbd_luks_format_makes_images_cryptsetup_accepts() {
                     .find(|l| l.trim_start().starts_with(field))
                     .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
             };
-            assert!(line(&dump).is_some(), "cryptsetup shows no {field}:\n{dump}");
+            assert!(
+                line(&dump).is_some(),
+                "cryptsetup shows no {field}:\n{dump}"
+            );
             assert_eq!(
                 line(&ours),
                 line(&dump),

@@ -124,7 +124,7 @@ impl CryptParams {
             .payload_offset_sectors
             .checked_mul(SECTOR)
             .ok_or_else(|| LuksError::bad_param("payload offset overflows"))?;
-        let avail = dev_bytes.checked_sub(start).unwrap_or(0);
+        let avail = dev_bytes.saturating_sub(start);
         let sectors = match self.payload_sectors {
             Some(n) => {
                 let need = n
@@ -157,7 +157,7 @@ impl CryptParams {
 #[derive(Clone, Debug)]
 pub enum Header {
     /// A LUKS1 `phdr`.
-    Luks1(luks1::Luks1Header),
+    Luks1(Box<luks1::Luks1Header>),
     /// A LUKS2 header (the copy chosen by [`luks2::Luks2Header::read`]).
     Luks2(Box<luks2::Luks2Header>),
 }
@@ -179,12 +179,19 @@ impl Header {
         let version = u16::from_be_bytes([first[6], first[7]]);
         let magic_ok = first[..6] == luks1::MAGIC;
         match (magic_ok, version) {
-            (true, 1) => Ok(Header::Luks1(luks1::Luks1Header::read(dev, dev_size)?)),
+            (true, 1) => Ok(Header::Luks1(Box::new(luks1::Luks1Header::read(
+                dev, dev_size,
+            )?))),
             // A LUKS2 primary copy; or a bad primary whose secondary may still be good.
             (true, 2) => Ok(Header::Luks2(Box::new(luks2::Luks2Header::read(
                 dev, dev_size,
             )?))),
-            (true, v) => Err(LuksError::UnsupportedVersion(v)),
+            // An unknown version: a LUKS2 primary whose version field is damaged still has its
+            // secondary copy; otherwise the version is what is wrong.
+            (true, v) => match luks2::Luks2Header::read(dev, dev_size) {
+                Ok(h) => Ok(Header::Luks2(Box::new(h))),
+                Err(_) => Err(LuksError::UnsupportedVersion(v)),
+            },
             (false, _) => {
                 // No primary magic: a LUKS2 device whose primary binary header is damaged can
                 // still be read from its secondary copy.

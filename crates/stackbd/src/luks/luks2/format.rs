@@ -186,7 +186,7 @@ fn check(opts: &FormatOptions, dev_size: u64) -> Result<u64, LuksError> {
     }
     let area_size = (opts.key_bytes as u64 * u64::from(STRIPES)).div_ceil(4096) * 4096;
     let off = opts.data_offset;
-    if off % 4096 != 0
+    if !off.is_multiple_of(4096)
         || off < KEYSLOTS_OFFSET + area_size
         || off - KEYSLOTS_OFFSET > super::json::MAX_AREA_BYTES
     {
@@ -196,13 +196,13 @@ fn check(opts: &FormatOptions, dev_size: u64) -> Result<u64, LuksError> {
             KEYSLOTS_OFFSET + super::json::MAX_AREA_BYTES
         ));
     }
-    let data = dev_size.checked_sub(off).unwrap_or(0);
+    let data = dev_size.saturating_sub(off);
     if data < u64::from(opts.sector_size) {
         return bad(format!(
             "the {dev_size}-byte device has no room for data after the header ({off} bytes)"
         ));
     }
-    if data % u64::from(opts.sector_size) != 0 {
+    if !data.is_multiple_of(u64::from(opts.sector_size)) {
         return bad(format!(
             "the data area ({data} bytes) is not a multiple of the {}-byte sector",
             opts.sector_size

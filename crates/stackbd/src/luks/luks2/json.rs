@@ -461,7 +461,7 @@ fn parse_keyslot(
         encryption: p.str(am, "encryption", &ap)?.to_string(),
         key_size: p.int(am, "key_size", &ap, 1, u64::from(MAX_KEY_BYTES))?,
     };
-    if area.offset % SECTOR != 0 || area.size % SECTOR != 0 {
+    if !area.offset.is_multiple_of(SECTOR) || !area.size.is_multiple_of(SECTOR) {
         return Err(p.err(&ap, "offset and size must be multiples of 512"));
     }
     if area.size > MAX_AREA_BYTES {
