@@ -1,5 +1,5 @@
-//! Interop with cryptsetup (needs `cryptsetup` from cryptsetup-bin; skipped with a note when it
-//! is missing): cryptsetup's own offline `reencrypt --encrypt` turns known plaintext into a LUKS2
+//! Interop with cryptsetup (needs `cryptsetup` from cryptsetup-bin, which scripts/test.sh
+//! installs; a missing one fails the test): cryptsetup's own offline `reencrypt --encrypt` turns known plaintext into a LUKS2
 //! volume, `luksDump --dump-volume-key` gives the volume key, and `SectorCipher` must decrypt the
 //! data segment. Pins the IV convention of LUKS2 with 4096-byte sectors: IVs count 512-byte
 //! units from the start of the data segment (so they step by 8 per crypt sector; cryptsetup does
@@ -10,12 +10,17 @@ use std::process::Command;
 
 use stackbd_targets::crypt::cipher::{CipherSpec, SectorCipher};
 
-fn have_cryptsetup() -> bool {
-    Command::new("cryptsetup")
+/// Fails the test, naming the package, when cryptsetup cannot run.
+fn require_cryptsetup() {
+    let ok = Command::new("cryptsetup")
         .arg("--version")
         .output()
         .map(|o| o.status.success())
-        .unwrap_or(false)
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "cryptsetup is required (Debian package cryptsetup-bin; scripts/test.sh installs it)"
+    );
 }
 
 fn scratch(tag: &str) -> PathBuf {
@@ -134,10 +139,7 @@ fn luks2_roundtrip(dir: &Path, sector: usize, cipher: &str, key_bits: usize) {
 
 #[test]
 fn luks2_4096_sector_volume_uses_512_byte_iv_units() {
-    if !have_cryptsetup() {
-        eprintln!("NOTE: cryptsetup not installed (package cryptsetup-bin); interop test skipped");
-        return;
-    }
+    require_cryptsetup();
     let dir = scratch("luks2-4k");
     luks2_roundtrip(&dir, 4096, "aes-xts-plain64", 512);
     std::fs::remove_dir_all(&dir).ok();
@@ -145,10 +147,7 @@ fn luks2_4096_sector_volume_uses_512_byte_iv_units() {
 
 #[test]
 fn luks2_512_sector_volumes_xts_and_cbc_essiv() {
-    if !have_cryptsetup() {
-        eprintln!("NOTE: cryptsetup not installed (package cryptsetup-bin); interop test skipped");
-        return;
-    }
+    require_cryptsetup();
     let dir = scratch("luks2-512");
     luks2_roundtrip(&dir, 512, "aes-xts-plain64", 256);
     let dir2 = scratch("luks2-essiv");

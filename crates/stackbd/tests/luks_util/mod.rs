@@ -11,9 +11,12 @@ pub fn have_cryptsetup(test: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP {test}: cryptsetup is not installed (apt-get install cryptsetup-bin)");
-    }
+    // Required, never skipped: scripts/test.sh installs it.
+    assert!(
+        ok,
+        "{test}: cryptsetup is required (Debian package cryptsetup-bin; scripts/test.sh \
+         installs it)"
+    );
     ok
 }
 
