@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Whether cryptsetup is installed; prints why a test is skipped when it is not.
+/// Checks that cryptsetup runs; fails the test (naming the package) when it does not.
 pub fn have_cryptsetup(test: &str) -> bool {
     let ok = Command::new("cryptsetup")
         .arg("--version")
