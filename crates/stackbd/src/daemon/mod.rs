@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod listen;
+pub mod log;
 pub mod nbd;
 pub mod pending;
 pub mod shutdown;
@@ -71,6 +72,8 @@ pub struct ServeArgs {
     pub shutdown_timeout: u64,
     #[command(flatten)]
     pub net: listen::NetArgs,
+    #[command(flatten)]
+    pub log: log::LogArgs,
 }
 
 /// Where the CLI and the daemon meet by default: `$STACKBD_CONTROL`, else
@@ -254,6 +257,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> Result<(), String> {
+    log::init(&args.log);
     let (cfg, origin) = load_config(args)?;
     let reactors = args
         .reactors
