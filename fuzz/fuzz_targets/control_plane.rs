@@ -113,7 +113,12 @@ fn world() -> &'static Mutex<World> {
             .collect();
         drop(e);
         let base_params = d.leaf_params.lock().unwrap().clone();
-        Mutex::new(World { d, base, base_params, _side: side })
+        Mutex::new(World {
+            d,
+            base,
+            base_params,
+            _side: side,
+        })
     })
 }
 
@@ -170,8 +175,8 @@ impl Bytes<'_> {
 }
 
 const NAMES: &[&str] = &[
-    "m0", "m1", "n0", "v0", "v1", "v2", "e0", "x", "1v", "", "bad name", "v0 ", "a.b-c_d",
-    "m0\n", "V", "vol/1",
+    "m0", "m1", "n0", "v0", "v1", "v2", "e0", "x", "1v", "", "bad name", "v0 ", "a.b-c_d", "m0\n",
+    "V", "vol/1",
 ];
 const TARGETS: &[&str] = &[
     "linear", "striped", "zero", "error", "flakey", "dust", "nosuch", "linear", "striped",
@@ -224,12 +229,20 @@ fn table(b: &mut Bytes) -> String {
         let off: u64 = b.pick(&[0, 8, 1024, 2047, 2048, u64::MAX - 7]);
         let args = match t {
             "linear" => format!("{dev} {off}"),
-            "striped" => format!("2 {} {dev} {off} {} 0", b.pick(&[8, 128, 0, 3]), b.pick(NAMES)),
+            "striped" => format!(
+                "2 {} {dev} {off} {} 0",
+                b.pick(&[8, 128, 0, 3]),
+                b.pick(NAMES)
+            ),
             "flakey" => format!("{dev} {off} {} {}", b.pick(&[0, 1, 5]), b.pick(&[0, 1, 5])),
             "dust" => format!("{dev} {off} 512"),
             _ => String::new(),
         };
-        let s = if b.u8() % 8 == 0 { b.pick(&[1, 7, u64::MAX]) } else { start };
+        let s = if b.u8() % 8 == 0 {
+            b.pick(&[1, 7, u64::MAX])
+        } else {
+            start
+        };
         out.push(format!("{s} {len} {t} {args}"));
         start = start.saturating_add(len);
     }
@@ -239,10 +252,34 @@ fn table(b: &mut Bytes) -> String {
 /// One request line.
 fn request(b: &mut Bytes) -> Vec<u8> {
     let verbs = [
-        "create", "load", "clear", "suspend", "resume", "reload", "remove", "ls", "info",
-        "table", "status", "queue", "message", "deps", "wait", "leaf_add", "leaf_rm", "leaf_ls",
-        "leaf_message", "export_add", "export_rm", "export_ls", "stats", "copy_start",
-        "copy_status", "copy_cancel", "ping", "shutdown",
+        "create",
+        "load",
+        "clear",
+        "suspend",
+        "resume",
+        "reload",
+        "remove",
+        "ls",
+        "info",
+        "table",
+        "status",
+        "queue",
+        "message",
+        "deps",
+        "wait",
+        "leaf_add",
+        "leaf_rm",
+        "leaf_ls",
+        "leaf_message",
+        "export_add",
+        "export_rm",
+        "export_ls",
+        "stats",
+        "copy_start",
+        "copy_status",
+        "copy_cancel",
+        "ping",
+        "shutdown",
     ];
     let sel = b.u8();
     if sel >= 240 {
@@ -251,7 +288,14 @@ fn request(b: &mut Bytes) -> Vec<u8> {
     }
     let cmd = verbs[sel as usize % verbs.len()];
     let mut m = Map::new();
-    m.insert("v".into(), if b.u8() % 16 == 0 { number(b) } else { json!(1) });
+    m.insert(
+        "v".into(),
+        if b.u8() % 16 == 0 {
+            number(b)
+        } else {
+            json!(1)
+        },
+    );
     m.insert("cmd".into(), json!(cmd));
     let name = |b: &mut Bytes| -> Value {
         match b.u8() % 16 {
@@ -297,7 +341,10 @@ fn request(b: &mut Bytes) -> Vec<u8> {
         "queue" => {
             m.insert("name".into(), name(b));
             if b.bool() {
-                m.insert("scheduler".into(), json!(b.pick(&["none", "deadline", "bfq", ""])));
+                m.insert(
+                    "scheduler".into(),
+                    json!(b.pick(&["none", "deadline", "bfq", ""])),
+                );
             }
             if b.bool() {
                 m.insert("nr_requests".into(), number(b));
@@ -306,7 +353,12 @@ fn request(b: &mut Bytes) -> Vec<u8> {
         "message" => {
             m.insert("name".into(), name(b));
             m.insert("sector".into(), number(b));
-            let argv: Vec<String> = (0..1 + b.u8() % 3).map(|_| b.pick(&["drop_writes", "up", "down", "addbadblock", "1", "x", ""]).to_string()).collect();
+            let argv: Vec<String> = (0..1 + b.u8() % 3)
+                .map(|_| {
+                    b.pick(&["drop_writes", "up", "down", "addbadblock", "1", "x", ""])
+                        .to_string()
+                })
+                .collect();
             m.insert("argv".into(), json!(argv));
         }
         "wait" => {
@@ -316,7 +368,10 @@ fn request(b: &mut Bytes) -> Vec<u8> {
         }
         "leaf_add" => {
             m.insert("name".into(), name(b));
-            m.insert("kind".into(), json!(b.pick(&["mem", "null", "mem", "bogus", "file"])));
+            m.insert(
+                "kind".into(),
+                json!(b.pick(&["mem", "null", "mem", "bogus", "file"])),
+            );
             let size = match b.u8() % 6 {
                 0 => json!("4MiB"),
                 1 => json!("1MiB"),
@@ -333,7 +388,10 @@ fn request(b: &mut Bytes) -> Vec<u8> {
         }
         "leaf_message" => {
             m.insert("name".into(), name(b));
-            m.insert("argv".into(), json!([b.pick(&["fail", "ok", "powercut", "x", ""])]));
+            m.insert(
+                "argv".into(),
+                json!([b.pick(&["fail", "ok", "powercut", "x", ""])]),
+            );
         }
         "export_add" => {
             m.insert("volume".into(), name(b));
@@ -367,7 +425,10 @@ fn request(b: &mut Bytes) -> Vec<u8> {
     }
     if b.u8() % 32 == 0 {
         // An unknown field, or a known one of the wrong type.
-        m.insert(b.pick(&["name", "bogus", "table", "force"]).into(), json!([1, {"a": null}]));
+        m.insert(
+            b.pick(&["name", "bogus", "table", "force"]).into(),
+            json!([1, {"a": null}]),
+        );
     }
     serde_json::to_vec(&Value::Object(m)).expect("serializable")
 }
@@ -380,7 +441,9 @@ fn small_size(v: &Value) -> bool {
             let s = s.trim();
             let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
             let unit = s[digits.len()..].trim();
-            let Ok(n) = digits.parse::<u64>() else { return true };
+            let Ok(n) = digits.parse::<u64>() else {
+                return true;
+            };
             let mult: u64 = match unit {
                 "" | "B" => 1,
                 "K" | "KiB" => 1 << 10,
@@ -404,7 +467,9 @@ fn allowed(line: &[u8]) -> Option<Value> {
     let Ok(v) = serde_json::from_slice::<Value>(line) else {
         return Some(Value::Null);
     };
-    let Some(m) = v.as_object() else { return Some(Value::Null) };
+    let Some(m) = v.as_object() else {
+        return Some(Value::Null);
+    };
     match m.get("cmd").and_then(Value::as_str) {
         Some("wait") => match m.get("timeout_s") {
             None | Some(Value::Null) => None,
@@ -417,9 +482,21 @@ fn allowed(line: &[u8]) -> Option<Value> {
                 Some(Value::String(k)) => !["file", "nbd", "powercut"].contains(&k.as_str()),
                 _ => true,
             };
-            let sizes_ok = m.values().chain(m.get("params").and_then(Value::as_object).into_iter().flat_map(|p| p.values())).all(small_size);
-            let params_only = m.iter().all(|(k, _)| ["v", "cmd", "name", "kind", "params", "size"].contains(&k.as_str()))
-                && m.get("params").and_then(Value::as_object).is_none_or(|p| p.keys().all(|k| k == "size"));
+            let sizes_ok = m
+                .values()
+                .chain(
+                    m.get("params")
+                        .and_then(Value::as_object)
+                        .into_iter()
+                        .flat_map(|p| p.values()),
+                )
+                .all(small_size);
+            let params_only = m
+                .iter()
+                .all(|(k, _)| ["v", "cmd", "name", "kind", "params", "size"].contains(&k.as_str()))
+                && m.get("params")
+                    .and_then(Value::as_object)
+                    .is_none_or(|p| p.keys().all(|k| k == "size"));
             (kind_ok && sizes_ok && params_only).then_some(v)
         }
         _ => Some(v),
@@ -439,12 +516,16 @@ fn stack(e: &Engine, name: &str, depth: usize) -> (bool, bool) {
     if let Ok(l) = e.leaf(name) {
         return (true, l.kind() == "mem");
     }
-    let Ok(i) = e.info(name) else { return (false, false) };
+    let Ok(i) = e.info(name) else {
+        return (false, false);
+    };
     if i.suspended || i.suspending.is_some() || !i.live_table {
         return (false, false);
     }
     let text = e.table(name, false).unwrap_or_default();
-    let mut is_plain = text.lines().all(|l| l.split_whitespace().nth(2).is_some_and(plain));
+    let mut is_plain = text
+        .lines()
+        .all(|l| l.split_whitespace().nth(2).is_some_and(plain));
     for dep in e.deps(name).unwrap_or_default() {
         let (active, p) = stack(e, &dep, depth + 1);
         if !active {
@@ -466,7 +547,10 @@ fn check(d: &Daemon, deadlines: &HashMap<String, (Instant, Duration)>) {
             continue;
         }
         let i = e.info(&name).expect("listed volume has info");
-        assert!(i.suspending.is_none(), "{name}: still suspending after its request answered");
+        assert!(
+            i.suspending.is_none(),
+            "{name}: still suspending after its request answered"
+        );
         if i.suspended {
             if let Some((at, given)) = deadlines.get(&name) {
                 assert!(
@@ -474,7 +558,10 @@ fn check(d: &Daemon, deadlines: &HashMap<String, (Instant, Duration)>) {
                     "{name}: suspended past its deadline ({given:?} given)"
                 );
                 let left = i.suspend_deadline.expect("a deadline was given");
-                assert!(left <= *given, "{name}: {left:?} left of a {given:?} deadline");
+                assert!(
+                    left <= *given,
+                    "{name}: {left:?} left of a {given:?} deadline"
+                );
             }
             continue;
         }
@@ -482,7 +569,9 @@ fn check(d: &Daemon, deadlines: &HashMap<String, (Instant, Duration)>) {
         if !active || i.size < 8 {
             continue;
         }
-        let h = e.open_volume(&name, Wait::Interrupt).expect("open an active volume");
+        let h = e
+            .open_volume(&name, Wait::Interrupt)
+            .expect("open an active volume");
         let pattern = [0x5au8 ^ (i.event_nr as u8); 4096];
         let w = e.write(&h, 0, &pattern);
         let mut got = [0u8; 4096];
@@ -491,7 +580,10 @@ fn check(d: &Daemon, deadlines: &HashMap<String, (Instant, Duration)>) {
         if is_plain {
             assert_eq!(w, Status::Ok, "{name}: write on a plain active volume");
             assert_eq!(r, Status::Ok, "{name}: read on a plain active volume");
-            assert!(got == pattern, "{name}: read back differs from what was written");
+            assert!(
+                got == pattern,
+                "{name}: read back differs from what was written"
+            );
         }
     }
 }
@@ -511,14 +603,24 @@ fuzz_target!(|data: &[u8]| {
         let line = request(&mut b);
         let Some(req) = allowed(&line) else { continue };
         *w.req.lock().unwrap() = String::from_utf8_lossy(&line).into_owned();
-        w.since_ms.store(w.base.elapsed().as_millis().max(1) as u64, Ordering::Release);
+        w.since_ms.store(
+            w.base.elapsed().as_millis().max(1) as u64,
+            Ordering::Release,
+        );
         let (reply, _stop) = control::respond(d, &line, &|| false);
         w.since_ms.store(0, Ordering::Release);
         let reply: Value = serde_json::from_str(&reply).expect("a reply is one JSON object");
         assert_eq!(reply["v"], 1);
         let ok = reply["ok"] == true;
-        assert!(ok || reply["error"].as_str().is_some_and(|e| !e.is_empty()), "error without text: {reply}");
-        let name = req.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        assert!(
+            ok || reply["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "error without text: {reply}"
+        );
+        let name = req
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         match req.get("cmd").and_then(Value::as_str) {
             Some("suspend") if ok && reply["already_suspended"] == false => {
                 match reply["deadline_s"].as_f64() {
