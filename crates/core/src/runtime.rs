@@ -185,6 +185,35 @@ pub struct ThreadStats {
     pub frontends: u64,
 }
 
+/// A drain under way (see [`ReactorThreads::drain_start`]): the reactors' acknowledgements still
+/// to come. Owned by whoever waits; waiting blocks that thread only and allocates nothing.
+pub struct DrainWait {
+    rx: Receiver<()>,
+    left: usize,
+}
+
+impl DrainWait {
+    /// Blocks until every reactor acknowledged (true) or `deadline` passed (false; `None`
+    /// waits without one). May be called again after a timeout. A reactor that died (panic)
+    /// drops its acknowledgement: that counts as not drained.
+    pub fn wait_until(&mut self, deadline: Option<Instant>) -> bool {
+        while self.left > 0 {
+            let got = match deadline {
+                Some(d) => self
+                    .rx
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                    .is_ok(),
+                None => self.rx.recv().is_ok(),
+            };
+            if !got {
+                return false;
+            }
+            self.left -= 1;
+        }
+        true
+    }
+}
+
 /// The reactor threads of an engine.
 pub struct ReactorThreads {
     threads: Vec<Handle>,
@@ -276,25 +305,23 @@ impl ReactorThreads {
 
     /// Waits until no reactor has I/O in flight for `dev`; false on timeout.
     pub fn drain(&self, dev: DevId, timeout: Duration) -> bool {
+        // A timeout too long for an `Instant` waits without one.
+        self.drain_start(dev)
+            .wait_until(Instant::now().checked_add(timeout))
+    }
+
+    /// Asks every reactor to acknowledge once it has no I/O in flight for `dev`, and returns
+    /// the handle to wait for those acknowledgements on, from any thread and without the
+    /// engine (so a control plane need not hold its engine lock while a volume drains).
+    pub fn drain_start(&self, dev: DevId) -> DrainWait {
         let (tx, rx) = sync_channel(self.threads.len());
         for t in &self.threads {
             t.send(Msg::Drain(dev, tx.clone()));
         }
-        drop(tx);
-        // A timeout too long for an `Instant` waits without one.
-        let deadline = Instant::now().checked_add(timeout);
-        for _ in 0..self.threads.len() {
-            let got = match deadline {
-                Some(d) => rx
-                    .recv_timeout(d.saturating_duration_since(Instant::now()))
-                    .is_ok(),
-                None => rx.recv().is_ok(),
-            };
-            if !got {
-                return false;
-            }
+        DrainWait {
+            rx,
+            left: self.threads.len(),
         }
-        true
     }
 
     /// Places a frontend on a reactor (round robin when `on` is None); returns the reactor.

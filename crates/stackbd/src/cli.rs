@@ -732,6 +732,17 @@ fn info_text(i: &Value) -> String {
     let mut t = String::new();
     t += &format!("Name:              {}\n", s(i, "name"));
     t += &format!("State:             {}\n", s(i, "state"));
+    if let Some(f) = i.get("suspending_for_s").and_then(Value::as_f64) {
+        t += &format!("Suspending for:    {f:.1} s (draining in-flight I/O)\n");
+    }
+    match i.get("suspend_deadline_s") {
+        Some(Value::Null) => t += "Suspend deadline:  none (until resume)\n",
+        Some(v) => {
+            let left = v.as_f64().unwrap_or(0.0);
+            t += &format!("Suspend deadline:  resumes by itself in {left:.1} s\n");
+        }
+        None => {}
+    }
     t += &format!("Tables present:    {tables}\n");
     t += &format!("Open count:        {}\n", n(i, "open_count"));
     t += &format!("Event number:      {}\n", n(i, "event_nr"));

@@ -17,8 +17,10 @@ mod bounds;
 mod io;
 mod query;
 mod release;
+mod suspend;
 
 pub use bounds::{MAX_DRAIN_TIMEOUT, MAX_SUSPEND_DEADLINE};
+pub use suspend::{PendingSuspend, SuspendStart};
 
 /// What a copy did, by path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,6 +113,12 @@ pub struct VolumeInfo {
     pub name: String,
     pub dev: DevId,
     pub suspended: bool,
+    /// A suspend is draining the volume's in-flight I/O (new I/O is already held): since when
+    /// (wall clock) and for how long so far. `None` when no suspend is under way.
+    pub suspending: Option<(std::time::SystemTime, Duration)>,
+    /// A suspended volume's deadline: how long until it resumes by itself. `None` when it is
+    /// not suspended, or suspended with no deadline.
+    pub suspend_deadline: Option<Duration>,
     pub live_table: bool,
     pub inactive_table: bool,
     pub open_count: u32,
@@ -131,6 +139,8 @@ struct VolumeEntry {
     active: Option<Arc<Table>>,
     inactive: Option<Arc<Table>>,
     suspended: Option<Option<Instant>>,
+    /// A suspend under way (started, its drain not finished): see [`suspend`].
+    suspending: Option<suspend::Suspending>,
     events: Arc<Events>,
     open_count: u32,
     /// Request queue settings (used while the live table is request-based).
@@ -261,6 +271,8 @@ pub struct Engine {
     reactors: Reactors,
     next_tag: u64,
     suspended_count: usize,
+    /// Tells pending suspends apart (a released one must not be finished).
+    next_suspend_token: u64,
     /// Scratch for interrupt waits (kept so a sleep allocates nothing).
     wait_fds: Vec<std::os::fd::RawFd>,
     pfds: Vec<rustix::event::PollFd<'static>>,
@@ -292,6 +304,7 @@ impl Engine {
             reactors,
             next_tag: SYNC_TAG_BASE,
             suspended_count: 0,
+            next_suspend_token: 0,
             wait_fds: Vec::with_capacity(16),
             pfds: Vec::with_capacity(16),
         }
@@ -450,6 +463,7 @@ impl Engine {
             active: None,
             inactive: None,
             suspended: None,
+            suspending: None,
             events: Arc::new(Events::default()),
             open_count: 0,
             queue: crate::rq::QueueOpts::default(),
@@ -536,71 +550,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Suspends: new I/O is held (not failed), in-flight I/O drains.
-    /// A deadline or drain timeout out of range (see [`SuspendOpts::check`]) is refused before
-    /// anything changes.
-    pub fn suspend(&mut self, name: &str, opts: SuspendOpts) -> Result<(), EngineError> {
-        let (id, v) = self.volume(name)?;
-        opts.check(name)?;
-        // Fits now; so it fits when the drain is done (or the earlier instant stands).
-        let fits = match opts.deadline {
-            Some(d) => Some(bounds::instant_after(
-                name,
-                "suspend deadline",
-                Instant::now(),
-                d,
-            )?),
-            None => None,
-        };
-        if v.suspended.is_some() {
-            return Ok(());
-        }
-        if let Some(t) = &v.active {
-            for e in t.entries() {
-                e.target.presuspend(opts.noflush);
-            }
-        }
-        let noflush = opts.noflush;
-        self.reactors.each(move |r| r.suspend(id, noflush));
-        let drained = match &mut self.reactors {
-            Reactors::Inline(r) => {
-                let start = Instant::now();
-                while r.inflight(id) > 0 && start.elapsed() <= opts.drain_timeout {
-                    if r.poll() == 0 {
-                        std::thread::yield_now();
-                    }
-                }
-                r.inflight(id) == 0
-            }
-            Reactors::Threads(t) => t.drain(id, opts.drain_timeout),
-        };
-        if !drained {
-            self.reactors.each(move |r| r.resume(id));
-            // Undo presuspend: the targets go back to how they ran before.
-            if let Some(t) = &self.volume_mut(id).active {
-                t.entries().iter().for_each(|e| e.target.resume());
-            }
-            return Err(EngineError::invalid(
-                name,
-                format!(
-                    "suspend gave up: I/O still in flight after {:?}; volume left active",
-                    opts.drain_timeout
-                ),
-            ));
-        }
-        let until = opts
-            .deadline
-            .and_then(|d| Instant::now().checked_add(d))
-            .or(fits);
-        self.volume_mut(id).suspended = Some(until);
-        self.suspended_count += 1;
-        Ok(())
-    }
-
     /// Resumes: swaps in the inactive table if there is one (suspending first if needed), then
     /// lets held I/O go.
+    /// Refused (busy) while a suspend of the volume drains.
     pub fn resume(&mut self, name: &str) -> Result<(), EngineError> {
         let (id, v) = self.volume(name)?;
+        Engine::not_suspending(name, v)?;
         if v.inactive.is_some() {
             if v.suspended.is_none() {
                 self.suspend(name, SuspendOpts::default())?;
@@ -627,28 +582,19 @@ impl Engine {
         Ok(())
     }
 
-    /// load + suspend + resume.
+    /// load + suspend + resume; refused (busy, nothing loaded) while a suspend drains.
     pub fn reload(&mut self, name: &str, text: &str) -> Result<(), EngineError> {
+        Engine::not_suspending(name, self.volume(name)?.1)?;
         self.load(name, text)?;
         self.suspend(name, SuspendOpts::default())?;
         self.resume(name)
     }
 
-    /// Removes a volume; refused while another table uses it, or while open unless `force`.
+    /// Removes a volume; refused while another table uses it, while open unless `force`, or
+    /// while a suspend of it drains.
     pub fn remove(&mut self, name: &str, force: bool) -> Result<(), EngineError> {
+        self.remove_check(name, force)?;
         let (id, v) = self.volume(name)?;
-        if let Some(user) = self.users(id).first() {
-            return Err(EngineError::Busy {
-                name: name.into(),
-                reason: format!("used by volume '{user}'"),
-            });
-        }
-        if v.open_count > 0 && !force {
-            return Err(EngineError::Busy {
-                name: name.into(),
-                reason: format!("open {} times", v.open_count),
-            });
-        }
         if v.suspended.is_none() {
             self.suspend(
                 name,
@@ -668,6 +614,26 @@ impl Engine {
         self.devs[id.0 as usize] = DevEntry::Free;
         self.names.remove(name);
         self.notify_pools();
+        Ok(())
+    }
+
+    /// What [`Engine::remove`] checks before it changes anything: the volume exists, no other
+    /// table uses it, it is not open (unless `force`), no suspend of it drains.
+    pub fn remove_check(&self, name: &str, force: bool) -> Result<(), EngineError> {
+        let (id, v) = self.volume(name)?;
+        Engine::not_suspending(name, v)?;
+        if let Some(user) = self.users(id).first() {
+            return Err(EngineError::Busy {
+                name: name.into(),
+                reason: format!("used by volume '{user}'"),
+            });
+        }
+        if v.open_count > 0 && !force {
+            return Err(EngineError::Busy {
+                name: name.into(),
+                reason: format!("open {} times", v.open_count),
+            });
+        }
         Ok(())
     }
 

@@ -10,6 +10,8 @@ impl Engine {
             name: v.name.clone(),
             dev: id,
             suspended: v.suspended.is_some(),
+            suspending: Engine::suspending_info(v),
+            suspend_deadline: Engine::deadline_left(v),
             live_table: v.active.is_some(),
             inactive_table: v.inactive.is_some(),
             open_count: v.open_count,

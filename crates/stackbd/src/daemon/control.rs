@@ -18,8 +18,9 @@
 //! unknown command or field, missing field, wrong type) gets an error reply and the connection
 //! stays usable. [`COMMANDS`] lists the commands and the fields each takes. Commands that change
 //! the daemon's state write the state file; table changes also refresh the export sizes. The
-//! engine lock is held for one command at a time and never across a wait, except the drain of
-//! a `suspend` (bounded by its drain timeout).
+//! engine lock is held for one command at a time and never across a wait: a suspend's drain
+//! (also the one `resume`, `reload` and `remove` start) waits without it (see `suspending`),
+//! and `info` shows such a volume as `SUSPENDING`.
 //!
 //! [`handle`] checks a request's envelope (`request`) and hands it to its verb's handler:
 //! volume lifecycle verbs in `volume`, queries in `query`, leaves in `leaves` and
@@ -47,6 +48,7 @@ mod luks;
 mod query;
 mod request;
 mod stats;
+mod suspending;
 mod volume;
 
 pub use client::Client;
@@ -365,11 +367,19 @@ fn es(e: stackbd_core::EngineError) -> String {
 }
 
 /// `info` as JSON; the same object is part of the replies of the table lifecycle commands.
+/// A suspending volume also has `suspending_since` (Unix seconds) and `suspending_for_s`; a
+/// suspended one `suspend_deadline_s`, the seconds left before it resumes by itself (null: no
+/// deadline).
 pub fn info_json(i: &VolumeInfo, exports: Vec<String>) -> Value {
-    json!({
+    let state = match (i.suspended, &i.suspending) {
+        (true, _) => "SUSPENDED",
+        (false, Some(_)) => "SUSPENDING",
+        (false, None) => "ACTIVE",
+    };
+    let mut out = json!({
         "name": i.name,
         "dev": i.dev.0,
-        "state": if i.suspended { "SUSPENDED" } else { "ACTIVE" },
+        "state": state,
         "suspended": i.suspended,
         "live_table": i.live_table,
         "inactive_table": i.inactive_table,
@@ -379,7 +389,18 @@ pub fn info_json(i: &VolumeInfo, exports: Vec<String>) -> Value {
         "bytes": i.size * SECTOR_SIZE as u64,
         "targets": i.targets,
         "exports": exports,
-    })
+    });
+    if let Some((since, running)) = i.suspending {
+        let unix = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        out["suspending_since"] = json!(unix);
+        out["suspending_for_s"] = json!(running.as_secs_f64());
+    }
+    if i.suspended {
+        out["suspend_deadline_s"] = json!(i.suspend_deadline.map(|d| d.as_secs_f64()));
+    }
+    out
 }
 
 /// A volume's `info` object, with its exports.

@@ -2,9 +2,10 @@
 //! and the verbs that act on a volume in place: `queue` and `message`.
 
 use super::super::nbd::ExportEntry;
+use super::suspending::suspend_unlocked;
 use super::{changed, engine, es, volume_info, Daemon, Req};
 use serde_json::{json, Value};
-use stackbd_core::SuspendOpts;
+use stackbd_core::{Engine, SuspendOpts};
 
 /// `create {name, table?}`: a new volume, with a live table unless the table is blank.
 pub(super) fn create(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
@@ -21,10 +22,17 @@ pub(super) fn load_or_reload(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let table = r.string("table")?;
     let mut e = engine(d);
-    if r.cmd == "load" {
-        e.load(name, table).map_err(es)?;
-    } else {
-        e.reload(name, table).map_err(es)?;
+    if r.cmd == "reload" && e.is_suspending(name) {
+        // Refused before anything is loaded.
+        return e.reload(name, table).map(|_| Value::Null).map_err(es);
+    }
+    e.load(name, table).map_err(es)?;
+    if r.cmd == "reload" {
+        // The drain waits without the engine lock; then the swap, with it.
+        drop(e);
+        let s = suspend_unlocked(d, name, SuspendOpts::default())?;
+        e = s.engine;
+        e.resume(name).map_err(es)?;
     }
     changed(d, &e, true);
     Ok(json!({"info": volume_info(d, &e, name)?}))
@@ -49,19 +57,14 @@ pub(super) fn suspend(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
         Some(Value::Null) => None,
         Some(_) => r.opt_secs("deadline_s")?,
     };
-    let mut e = engine(d);
-    let was = e.info(name).map_err(es)?.suspended;
-    // The one command that holds the lock while it waits: the drain is bounded by the
-    // drain timeout, and nothing may change the volume meanwhile.
-    e.suspend(
-        name,
-        SuspendOpts {
-            noflush,
-            deadline,
-            ..SuspendOpts::default()
-        },
-    )
-    .map_err(es)?;
+    let opts = SuspendOpts {
+        noflush,
+        deadline,
+        ..SuspendOpts::default()
+    };
+    // The drain waits without the engine lock: other verbs go on meanwhile.
+    let s = suspend_unlocked(d, name, opts)?;
+    let (e, was) = (s.engine, s.already);
     changed(d, &e, false);
     let mut out = json!({"info": volume_info(d, &e, name)?, "already_suspended": was});
     if !was {
@@ -74,13 +77,21 @@ pub(super) fn suspend(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
 pub(super) fn resume(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let mut e = engine(d);
+    let i = e.info(name).map_err(es)?;
+    if i.inactive_table && !i.suspended && i.suspending.is_none() {
+        // The swap needs the volume suspended: drain without the engine lock first.
+        drop(e);
+        e = suspend_unlocked(d, name, SuspendOpts::default())?.engine;
+    }
     e.resume(name).map_err(es)?;
     changed(d, &e, true);
     Ok(json!({"info": volume_info(d, &e, name)?}))
 }
 
 /// `remove {name, force?}`: refused while another table uses the volume or while it is exported
-/// (or otherwise open) unless forced; a forced removal drops the volume's exports too.
+/// (or otherwise open) unless forced; a forced removal drops the volume's exports too. The
+/// volume is suspended first with the drain outside the engine lock; if the removal is then
+/// refused (something changed meanwhile), a suspend this call made is undone.
 pub(super) fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
     let name = r.string("name")?;
     let force = r.flag("force")?;
@@ -97,7 +108,31 @@ pub(super) fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
             return Ok(json!({"removed": name, "was_failed": true, "exports_removed": []}));
         }
     }
-    e.info(name).map_err(es)?;
+    let mut ours = false;
+    if e.info(name).map_err(es)?.suspended {
+        // Nothing to drain.
+    } else if unexported(d, name, force).is_ok() && e.remove_check(name, force).is_ok() {
+        drop(e);
+        let s = suspend_unlocked(
+            d,
+            name,
+            SuspendOpts {
+                deadline: None,
+                ..SuspendOpts::default()
+            },
+        )?;
+        e = s.engine;
+        ours = !s.already;
+    }
+    let out = remove_now(d, &mut e, name, force);
+    if out.is_err() && ours {
+        let _ = e.release(name);
+    }
+    out
+}
+
+/// Refuses to remove an exported volume unless forced; the exports otherwise.
+fn unexported(d: &Daemon, name: &str, force: bool) -> Result<Vec<ExportEntry>, String> {
     let exports: Vec<ExportEntry> = d
         .exports
         .all()
@@ -111,6 +146,14 @@ pub(super) fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
             names.join(", ")
         ));
     }
+    Ok(exports)
+}
+
+/// The removal itself, with the engine locked (and the volume drained, unless the engine
+/// drains it itself).
+fn remove_now(d: &Daemon, e: &mut Engine, name: &str, force: bool) -> Result<Value, String> {
+    e.info(name).map_err(es)?;
+    let exports = unexported(d, name, force)?;
     // Drop the exports first so no new connection finds the volume; put them back if the
     // engine refuses (another table uses the volume).
     for x in &exports {
@@ -132,7 +175,7 @@ pub(super) fn remove(d: &Daemon, r: &Req<'_>) -> Result<Value, String> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(name);
-    changed(d, &e, false);
+    changed(d, e, false);
     Ok(json!({
         "removed": name,
         "exports_removed": exports.iter().map(|x| x.name.clone()).collect::<Vec<_>>(),
