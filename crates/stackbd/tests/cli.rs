@@ -1046,3 +1046,63 @@ fn sigterm_stops_the_daemon_cleanly() {
     assert_ne!(out.status.code(), Some(0));
     assert!(d.check_state().contains("[leaf.late]"));
 }
+
+/// dmsetup habits: `create NAME < table`, `table`/`status`/`info` without a NAME over every
+/// volume, `remove_all` (tops first), `targets`, `version`.
+#[test]
+fn dmsetup_habits_scripts_depend_on() {
+    let d = Daemon::start();
+    // The table from standard input.
+    let mut c = d.cmd(&["create", "vin"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"0 2048 linear m0 0\n2048 2048 linear m1 0\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        d.ok(&["table", "vin"]),
+        "0 2048 linear m0 0\n2048 2048 linear m1 0\n"
+    );
+    // --notable: empty, whatever standard input holds.
+    d.ok(&["create", "top", "--notable"]);
+    d.ok(&["load", "top", "--table", "0 4096 linear vin 0"]);
+    d.ok(&["resume", "top"]);
+    // Every volume, each line prefixed with its name.
+    let t = d.ok(&["table"]);
+    assert!(t.contains("top: 0 4096 linear vin 0\n"), "{t}");
+    assert!(
+        t.contains("vin: 0 2048 linear m0 0\nvin: 2048 2048 linear m1 0\n"),
+        "{t}"
+    );
+    let st = d.ok(&["status"]);
+    assert!(st.contains("vin: 0 2048 linear"), "{st}");
+    let info = d.ok(&["info"]);
+    assert_eq!(info.matches("Name:").count(), 2, "{info}");
+    assert!(info.contains("Name:              top") && info.contains("Name:              vin"));
+    let j = d.json(&["table"]);
+    assert_eq!(j["volumes"].as_array().map(Vec::len), Some(2), "{j}");
+    // targets and version.
+    let targets = d.ok(&["targets"]);
+    for k in ["linear", "striped", "crypt", "multipath"] {
+        assert!(
+            targets.lines().any(|l| l.starts_with(k)),
+            "{k} missing: {targets}"
+        );
+    }
+    let v = d.ok(&["version"]);
+    assert!(
+        v.contains("Library version:") && v.contains("daemon pid"),
+        "{v}"
+    );
+    // remove_all: `top` first (it uses `vin`), then `vin`.
+    let r = d.ok(&["remove_all"]);
+    assert!(r.contains("removed 2 volumes"), "{r}");
+    assert_eq!(d.ok(&["table"]), "No devices found\n");
+}
