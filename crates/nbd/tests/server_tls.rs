@@ -86,11 +86,18 @@ fn a_second_starttls_is_invalid_and_plain_state_is_forgotten() {
     let r = h.option(Opt::StartTls, &[]);
     assert_eq!(r[0].0.reply, ReplyType::Ack);
     h.conn.tls_started();
-    assert!(!h.conn.structured_replies(), "negotiated in plain text: forgotten");
+    assert!(
+        !h.conn.structured_replies(),
+        "negotiated in plain text: forgotten"
+    );
     let r = h.option(Opt::StartTls, &[]);
     assert!(is_error(&r[0], RepError::Invalid));
     let r = h.option(Opt::StructuredReply, &[]);
-    assert_eq!(r[0].0.reply, ReplyType::Ack, "may be negotiated again over TLS");
+    assert_eq!(
+        r[0].0.reply,
+        ReplyType::Ack,
+        "may be negotiated again over TLS"
+    );
 }
 
 #[test]

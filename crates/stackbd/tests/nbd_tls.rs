@@ -12,8 +12,8 @@ use common::*;
 use stackbd_core::{Engine, ReactorConfig, Status};
 use stackbd_leaves::nbd_client::{NbdLeaf, NbdOptions};
 use stackbd_nbd::{
-    encode_export_name, encode_export_request, encode_option, ClientFlags, Opt,
-    OptionReplyHeader, RepError, ReplyType, ServerGreeting,
+    encode_export_name, encode_export_request, encode_option, ClientFlags, Opt, OptionReplyHeader,
+    RepError, ReplyType, ServerGreeting,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -110,10 +110,11 @@ fn nbdinfo(uri: &str) -> Out {
 
 fn qemu_img_info(object: &str, d: &Daemon) -> Out {
     let mut c = tool("qemu-img");
-    c.args(["info", "--object", object, "--image-opts"]).arg(format!(
-        "driver=nbd,host=127.0.0.1,port={},export=demo,tls-creds=tls0",
-        d.port
-    ));
+    c.args(["info", "--object", object, "--image-opts"])
+        .arg(format!(
+            "driver=nbd,host=127.0.0.1,port={},export=demo,tls-creds=tls0",
+            d.port
+        ));
     run(&mut c, QUICK)
 }
 
@@ -189,7 +190,11 @@ fn psk_with_libnbd_and_qemu() {
     // A key the server does not have: refused.
     let wrong = t.path().join("wrong");
     std::fs::create_dir_all(&wrong).unwrap();
-    std::fs::write(wrong.join("keys.psk"), "alice:00112233445566778899aabbccddeeff\n").unwrap();
+    std::fs::write(
+        wrong.join("keys.psk"),
+        "alice:00112233445566778899aabbccddeeff\n",
+    )
+    .unwrap();
     let out = nbdinfo(&format!(
         "nbds://alice@127.0.0.1:{}/demo?tls-psk-file={}",
         d.port,
@@ -245,7 +250,11 @@ fn a_plain_text_client_gets_tls_reqd_and_nothing_else() {
     s.write_all(&b).unwrap();
     let (h, _) = opt_reply(&mut s);
     assert_eq!(h.option, Opt::Go);
-    assert_eq!(h.reply, ReplyType::Error(RepError::TlsReqd), "GO: no INFO first");
+    assert_eq!(
+        h.reply,
+        ReplyType::Error(RepError::TlsReqd),
+        "GO: no INFO first"
+    );
     let mut b = Vec::new();
     encode_export_name(&mut b, "demo").unwrap();
     s.write_all(&b).unwrap();
@@ -263,7 +272,11 @@ fn a_plain_text_client_gets_tls_reqd_and_nothing_else() {
     assert!(rest.len() < 64, "a TLS alert at most, no NBD: {rest:?}");
     // The tools: libnbd and qemu say TLS is required and get no data.
     let out = nbdinfo(&d.uri("demo"));
-    assert!(!out.ok(), "nbdinfo in plain text succeeded:\n{}", out.stdout);
+    assert!(
+        !out.ok(),
+        "nbdinfo in plain text succeeded:\n{}",
+        out.stdout
+    );
     let mut c = tool("qemu-img");
     c.args(["info", &d.uri("demo")]);
     let out = run(&mut c, QUICK);
@@ -279,7 +292,8 @@ fn a_plain_text_client_gets_tls_reqd_and_nothing_else() {
     u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut g = [0u8; ServerGreeting::SIZE];
     u.read_exact(&mut g).unwrap();
-    u.write_all(&ClientFlags::FIXED_NEWSTYLE.to_bytes()).unwrap();
+    u.write_all(&ClientFlags::FIXED_NEWSTYLE.to_bytes())
+        .unwrap();
     let mut b = Vec::new();
     encode_export_request(&mut b, Opt::Info, "demo", &[]).unwrap();
     u.write_all(&b).unwrap();
@@ -311,7 +325,11 @@ fn verify_peer_refuses_a_client_without_a_certificate() {
         d.port,
         anon.display()
     ));
-    assert!(!out.ok(), "no client certificate, yet connected:\n{}", out.stdout);
+    assert!(
+        !out.ok(),
+        "no client certificate, yet connected:\n{}",
+        out.stdout
+    );
     let out = nbdinfo(&format!(
         "nbds://127.0.0.1:{}/demo?tls-certificates={}",
         d.port,
@@ -454,7 +472,16 @@ fn the_nbd_leaf_speaks_tls_to_nbdkit_qemu_nbd_and_stackbd() {
         .arg(format!(
             "tls-creds-x509,id=tls0,dir={d},endpoint=server,verify-peer=on"
         ))
-        .args(["--tls-creds", "tls0", "--persistent", "--shared=4", "-f", "raw", "-x", "q"])
+        .args([
+            "--tls-creds",
+            "tls0",
+            "--persistent",
+            "--shared=4",
+            "-f",
+            "raw",
+            "-x",
+            "q",
+        ])
         .arg("-k")
         .arg(&qsock)
         .arg(&img);

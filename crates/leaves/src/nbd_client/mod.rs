@@ -125,9 +125,8 @@ impl NbdUri {
             Some(rest) => (format!("nbd{rest}"), true),
             None => (uri.to_string(), false),
         };
-        let mut u = Self::parse_plain(&plain).map_err(|e| {
-            io::Error::new(e.kind(), e.to_string().replacen(&plain, uri, 1))
-        })?;
+        let mut u = Self::parse_plain(&plain)
+            .map_err(|e| io::Error::new(e.kind(), e.to_string().replacen(&plain, uri, 1)))?;
         let query = uri.split_once('?').map_or("", |q| q.1);
         let mut t = TlsClient {
             verify_peer: true,
@@ -147,7 +146,8 @@ impl NbdUri {
             t.username.get_or_insert_with(|| user.to_string());
         }
         if tls {
-            t.check().map_err(|e| invalid_input(format!("{uri}: {e}")))?;
+            t.check()
+                .map_err(|e| invalid_input(format!("{uri}: {e}")))?;
             u.tls = Some(t);
         } else if any {
             return Err(invalid_input(format!(

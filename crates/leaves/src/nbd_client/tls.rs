@@ -117,11 +117,15 @@ fn read_psk(p: &Path, user: &str) -> io::Result<zeroize::Zeroizing<Vec<u8>>> {
             .map_err(|e| io::Error::new(e.kind(), format!("tls-psk-file {}: {e}", p.display())))?,
     );
     for line in text.lines() {
-        if let Some(hex) = line.trim().strip_prefix(user).and_then(|r| r.strip_prefix(':')) {
+        if let Some(hex) = line
+            .trim()
+            .strip_prefix(user)
+            .and_then(|r| r.strip_prefix(':'))
+        {
             let mut key = zeroize::Zeroizing::new(Vec::with_capacity(hex.len() / 2));
             let digits: Option<Vec<u32>> = hex.chars().map(|c| c.to_digit(16)).collect();
             match digits {
-                Some(d) if d.len() % 2 == 0 && !d.is_empty() => {
+                Some(d) if d.len().is_multiple_of(2) && !d.is_empty() => {
                     key.extend(d.chunks(2).map(|p| (p[0] * 16 + p[1]) as u8))
                 }
                 _ => {
@@ -189,27 +193,24 @@ pub(super) fn starttls(
     }
     s.set_timeouts(Some(remaining(deadline)?))?;
     let mut t = SslStream::new(ssl, s).map_err(other)?;
-    loop {
-        match t.connect() {
-            Ok(()) => break,
-            Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
-                // A socket timeout (SO_RCVTIMEO) says "would block".
-                remaining(deadline)?;
-                return Err(super::wire::timed_out());
-            }
-            Err(e) => {
-                let v = t.ssl().verify_result();
-                let why = if v == openssl::x509::X509VerifyResult::OK {
-                    e.to_string()
-                } else {
-                    format!("{e} ({})", v.error_string())
-                };
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("TLS handshake failed: {why}"),
-                ));
-            }
+    match t.connect() {
+        Ok(()) => Ok(Stream::Tls(Box::new(t))),
+        Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
+            // A socket timeout (SO_RCVTIMEO) says "would block".
+            remaining(deadline)?;
+            Err(super::wire::timed_out())
+        }
+        Err(e) => {
+            let v = t.ssl().verify_result();
+            let why = if v == openssl::x509::X509VerifyResult::OK {
+                e.to_string()
+            } else {
+                format!("{e} ({})", v.error_string())
+            };
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("TLS handshake failed: {why}"),
+            ))
         }
     }
-    Ok(Stream::Tls(Box::new(t)))
 }

@@ -154,9 +154,8 @@ impl LeafKind for Nbd {
             ..NbdOptions::default()
         };
         let mut uri = NbdUri::parse(&p.uri)?;
-        let given = p.tls_certificates.is_some()
-            || p.tls_psk_file.is_some()
-            || p.tls_username.is_some();
+        let given =
+            p.tls_certificates.is_some() || p.tls_psk_file.is_some() || p.tls_username.is_some();
         match &mut uri.tls {
             Some(t) => {
                 if let Some(d) = &p.tls_certificates {
@@ -174,7 +173,10 @@ impl LeafKind for Nbd {
             None if given => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("{}: tls_* parameters need an nbds:// or nbds+unix:// URI", p.uri),
+                    format!(
+                        "{}: tls_* parameters need an nbds:// or nbds+unix:// URI",
+                        p.uri
+                    ),
                 ))
             }
             None => {}

@@ -187,7 +187,10 @@ impl Write for Sock {
 enum Link {
     Plain(Sock),
     /// `done`: the TLS handshake finished.
-    Tls { s: Box<SslStream<Sock>>, done: bool },
+    Tls {
+        s: Box<SslStream<Sock>>,
+        done: bool,
+    },
     /// Only while switching from one to the other.
     Gone,
 }
@@ -500,7 +503,10 @@ impl NbdFrontend {
         while self.conn.output_len() > 0 {
             let mut iov = [IoSlice::new(&[]); IOV_MAX];
             let n = self.conn.output_iovecs(&mut iov);
-            match self.link.write_vectored(&iov[..n], &mut self.tls_want_write) {
+            match self
+                .link
+                .write_vectored(&iov[..n], &mut self.tls_want_write)
+            {
                 Ok(0) => break,
                 Ok(w) => {
                     self.conn.consume_output(w);

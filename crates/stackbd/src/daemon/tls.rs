@@ -97,13 +97,12 @@ fn parse_allow(s: &str) -> Result<(String, Vec<String>), String> {
 impl TlsArgs {
     /// The mode in force: `--tls`, else `require` with credentials and `off` without.
     pub fn mode(&self) -> TlsMode {
-        self.tls.unwrap_or(
-            if self.tls_cert.is_some() || self.tls_psk.is_some() {
+        self.tls
+            .unwrap_or(if self.tls_cert.is_some() || self.tls_psk.is_some() {
                 TlsMode::Require
             } else {
                 TlsMode::Off
-            },
-        )
+            })
     }
 
     /// The TLS context (`None` with `--tls off`), built on the first call; an error names the
@@ -274,7 +273,7 @@ pub fn read_psk_file(p: &Path) -> Result<HashMap<String, Zeroizing<Vec<u8>>>, St
 }
 
 fn decode_hex(s: &str) -> Option<Zeroizing<Vec<u8>>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let mut v = Zeroizing::new(Vec::with_capacity(s.len() / 2));
@@ -345,6 +344,7 @@ mod tests {
             tls: Some(TlsMode::Require),
             ..TlsArgs::default()
         };
-        assert!(a.server().unwrap_err().contains("--tls-cert"));
+        let e = a.server().err().expect("no credentials");
+        assert!(e.contains("--tls-cert"), "{e}");
     }
 }
