@@ -19,8 +19,10 @@
 //!    [`classify_request`], read [`Request::payload_len`] bytes, reply with
 //!    [`SimpleReply`] or [`ReplyChunk`]s.
 //!
-//! Not supported, on purpose: oldstyle negotiation (refused), TLS (`STARTTLS` is parsed so
-//! the server can refuse it), extended headers (`NBD_OPT_EXTENDED_HEADERS` is parsed so the
+//! TLS: the server codec answers `STARTTLS` (see [`server::TlsPolicy`]) and hands the socket
+//! to the caller for the TLS handshake; the codec never sees ciphertext.
+//!
+//! Not supported, on purpose: oldstyle negotiation (refused), extended headers (`NBD_OPT_EXTENDED_HEADERS` is parsed so the
 //! server can refuse it; 64-bit requests and `BLOCK_STATUS_EXT` chunks are not decoded).
 
 #![forbid(unsafe_code)]

@@ -36,7 +36,10 @@
 mod channel;
 mod conn;
 mod health;
+mod tls;
 mod wire;
+
+pub use tls::TlsClient;
 
 use channel::NbdChannel;
 use stackbd_core::{Leaf, LeafChannel, LeafHealth, Limits, Sector, SECTOR_SIZE};
@@ -95,11 +98,13 @@ pub enum NbdAddr {
     Unix(PathBuf),
 }
 
-/// A parsed `nbd://` or `nbd+unix://` URI.
+/// A parsed `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://` URI.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdUri {
     pub addr: NbdAddr,
     pub export: String,
+    /// TLS (`nbds`), with the URI's `tls-*` parameters.
+    pub tls: Option<TlsClient>,
 }
 
 fn invalid_input(msg: impl std::fmt::Display) -> io::Error {
@@ -111,8 +116,48 @@ fn protocol(msg: impl std::fmt::Display) -> io::Error {
 }
 
 impl NbdUri {
-    /// `nbd://host[:port][/export]` or `nbd+unix:///[export]?socket=PATH`.
+    /// `nbd[s]://[user@]host[:port][/export][?tls-...]` or
+    /// `nbd[s]+unix:///[export]?socket=PATH[&tls-...]`; `nbds` means TLS (see [`TlsClient`]
+    /// for the `tls-certificates`, `tls-psk-file`, `tls-username` and `tls-verify-peer`
+    /// parameters, and `user@` for the PSK username).
     pub fn parse(uri: &str) -> io::Result<NbdUri> {
+        let (plain, tls) = match uri.strip_prefix("nbds") {
+            Some(rest) => (format!("nbd{rest}"), true),
+            None => (uri.to_string(), false),
+        };
+        let mut u = Self::parse_plain(&plain)
+            .map_err(|e| io::Error::new(e.kind(), e.to_string().replacen(&plain, uri, 1)))?;
+        let query = uri.split_once('?').map_or("", |q| q.1);
+        let mut t = TlsClient {
+            verify_peer: true,
+            ..TlsClient::default()
+        };
+        let mut any = false;
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            any |= t.param(k, v)?;
+        }
+        if let Some(user) = uri
+            .split_once("://")
+            .and_then(|(_, r)| r.split(['/', '?']).next())
+            .and_then(|auth| auth.rsplit_once('@'))
+            .map(|(user, _)| user)
+        {
+            t.username.get_or_insert_with(|| user.to_string());
+        }
+        if tls {
+            t.check()
+                .map_err(|e| invalid_input(format!("{uri}: {e}")))?;
+            u.tls = Some(t);
+        } else if any {
+            return Err(invalid_input(format!(
+                "{uri}: tls-* parameters need an nbds:// or nbds+unix:// URI"
+            )));
+        }
+        Ok(u)
+    }
+
+    fn parse_plain(uri: &str) -> io::Result<NbdUri> {
         if let Some(rest) = uri.strip_prefix("nbd+unix://") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
             if !path.is_empty() && !path.starts_with('/') {
@@ -129,6 +174,7 @@ impl NbdUri {
             return Ok(NbdUri {
                 addr: NbdAddr::Unix(PathBuf::from(socket)),
                 export,
+                tls: None,
             });
         }
         let Some(rest) = uri.strip_prefix("nbd://") else {
@@ -136,10 +182,13 @@ impl NbdUri {
                 "{uri}: not an NBD URI (nbd://host[:port]/export or nbd+unix:///export?socket=PATH)"
             )));
         };
+        let rest = rest.split_once('?').map_or(rest, |r| r.0);
         let (auth, export) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
         };
+        // `user@`: the PSK username (see `parse`).
+        let auth = auth.rsplit_once('@').map_or(auth, |a| a.1);
         if auth.is_empty() {
             return Err(invalid_input(format!("{uri}: missing host")));
         }
@@ -158,6 +207,7 @@ impl NbdUri {
         Ok(NbdUri {
             addr: NbdAddr::Tcp(hostport),
             export: export.to_string(),
+            tls: None,
         })
     }
 }
@@ -231,7 +281,12 @@ pub struct NbdLeaf {
 impl NbdLeaf {
     /// Connects once to learn the export; each channel then opens its own connections.
     pub fn connect(uri: &str, opts: NbdOptions) -> io::Result<NbdLeaf> {
-        let parsed = NbdUri::parse(uri)?;
+        Self::connect_uri(uri, NbdUri::parse(uri)?, opts)
+    }
+
+    /// [`connect`](Self::connect) with the URI already parsed (and perhaps its TLS settings
+    /// completed from the leaf's parameters); `uri` is its text, for messages.
+    pub fn connect_uri(uri: &str, parsed: NbdUri, opts: NbdOptions) -> io::Result<NbdLeaf> {
         if opts.timeout.is_zero() {
             return Err(invalid_input("timeout must be > 0"));
         }
@@ -276,10 +331,10 @@ impl NbdLeaf {
     fn probe_by(&self, deadline: Instant) -> Result<(), String> {
         let sh = &self.sh;
         let uri = &sh.text;
-        let mut s =
+        let s =
             Stream::connect(&sh.uri.addr, deadline).map_err(|e| format!("connect {uri}: {e}"))?;
-        let info = handshake(&mut s, &sh.uri.export, deadline)
-            .map_err(|e| format!("handshake {uri}: {e}"))?;
+        let (mut s, info) =
+            handshake(s, &sh.uri, deadline).map_err(|e| format!("handshake {uri}: {e}"))?;
         if info.size != sh.info.size {
             return Err(format!(
                 "{uri}: export size changed from {} to {}",
@@ -449,5 +504,30 @@ mod tests {
         assert!(NbdUri::parse("nbd+unix://host/exp?socket=/s").is_err());
         assert!(NbdUri::parse("http://x").is_err());
         assert!(NbdUri::parse("nbd:///x").is_err());
+    }
+
+    #[test]
+    fn parses_tls_uris() {
+        let u = NbdUri::parse("nbds://h:1/e?tls-certificates=/d").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("h:1".into()));
+        assert_eq!(u.export, "e");
+        let t = u.tls.unwrap();
+        assert_eq!(t.certificates, Some("/d".into()));
+        assert!(t.verify_peer);
+        let u = NbdUri::parse("nbds://alice@h/e?tls-psk-file=/k").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("h:10809".into()));
+        let t = u.tls.unwrap();
+        assert_eq!(t.username.as_deref(), Some("alice"));
+        assert_eq!(t.psk_file, Some("/k".into()));
+        let u = NbdUri::parse("nbds+unix:///e?socket=/s&tls-psk-file=/k&tls-username=bob").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/s".into()));
+        assert_eq!(u.tls.unwrap().username.as_deref(), Some("bob"));
+        assert!(NbdUri::parse("nbd://h/e").unwrap().tls.is_none());
+        let e = NbdUri::parse("nbd://h/e?tls-certificates=/d").unwrap_err();
+        assert!(e.to_string().contains("nbds://"), "{e}");
+        let e = NbdUri::parse("nbds://h/e?tls-psk-file=/k").unwrap_err();
+        assert!(e.to_string().contains("username"), "{e}");
+        assert!(NbdUri::parse("nbds://h/e?tls-verify-peer=maybe").is_err());
+        assert!(NbdUri::parse("nbds:///e").is_err());
     }
 }

@@ -15,6 +15,39 @@ use std::time::{Duration, Instant};
 pub(super) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS over one of the others, once `STARTTLS` was acknowledged.
+    Tls(Box<openssl::ssl::SslStream<Stream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Stream::read(self, buf)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        Stream::write_vectored(self, bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An OpenSSL error as an I/O error ("would block" when it waits for the socket).
+fn tls_io(e: openssl::ssl::Error) -> io::Error {
+    use openssl::ssl::ErrorCode;
+    match e.code() {
+        ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => io::ErrorKind::WouldBlock.into(),
+        _ => e
+            .into_io_error()
+            .unwrap_or_else(|e| io::Error::other(format!("TLS: {e}"))),
+    }
 }
 
 impl Stream {
@@ -48,6 +81,7 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            Stream::Tls(s) => s.get_ref().set_timeouts(t),
         }
     }
 
@@ -55,6 +89,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(nb),
             Stream::Unix(s) => s.set_nonblocking(nb),
+            Stream::Tls(s) => s.get_ref().set_nonblocking(nb),
         }
     }
 
@@ -62,6 +97,11 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => match s.ssl_read(buf) {
+                Ok(n) => Ok(n),
+                Err(e) if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => Ok(0),
+                Err(e) => Err(tls_io(e)),
+            },
         }
     }
 
@@ -69,6 +109,23 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            // Slice by slice: each becomes TLS records anyway.
+            Stream::Tls(s) => {
+                let mut total = 0;
+                for b in bufs.iter().filter(|b| !b.is_empty()) {
+                    match s.ssl_write(b) {
+                        Ok(n) => {
+                            total += n;
+                            if n < b.len() {
+                                break;
+                            }
+                        }
+                        Err(_) if total > 0 => break,
+                        Err(e) => return Err(tls_io(e)),
+                    }
+                }
+                Ok(total)
+            }
         }
     }
 
@@ -115,6 +172,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.get_ref().fd(),
         }
     }
 
@@ -123,6 +181,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
+            Stream::Tls(s) => s.get_ref().borrowed(),
         }
     }
 }
@@ -181,8 +240,8 @@ pub(super) fn connect_unix(path: &std::path::Path, deadline: Instant) -> io::Res
 /// transmission phase.
 pub(super) fn open(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInfo)> {
     let deadline = Instant::now() + timeout;
-    let mut s = Stream::connect(&uri.addr, deadline)?;
-    let info = handshake(&mut s, &uri.export, deadline)?;
+    let s = Stream::connect(&uri.addr, deadline)?;
+    let (s, info) = handshake(s, uri, deadline)?;
     s.set_timeouts(None)?;
     s.set_nonblocking(true)?;
     Ok((s, info))
@@ -206,8 +265,23 @@ pub(super) fn read_vec(s: &mut Stream, n: usize, deadline: Instant) -> io::Resul
     Ok(v)
 }
 
-/// The fixed-newstyle handshake with `OPT_GO`, on a blocking stream, finished by `deadline`.
-pub(super) fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::Result<ExportInfo> {
+/// The fixed-newstyle handshake (`STARTTLS` for `nbds://`, then `OPT_GO`), on a blocking
+/// stream, finished by `deadline`. Returns the stream (TLS or not) in the transmission phase.
+pub(super) fn handshake(
+    mut s: Stream,
+    uri: &NbdUri,
+    deadline: Instant,
+) -> io::Result<(Stream, ExportInfo)> {
+    let no_zeroes = greet(&mut s, deadline)?;
+    if let Some(tls) = &uri.tls {
+        s = super::tls::starttls(s, &uri.addr, tls, deadline)?;
+    }
+    let info = go(&mut s, &uri.export, no_zeroes, deadline)?;
+    Ok((s, info))
+}
+
+/// Reads the greeting and sends the client flags; returns whether `NO_ZEROES` is in force.
+fn greet(s: &mut Stream, deadline: Instant) -> io::Result<bool> {
     let g = read_vec(s, ServerGreeting::SIZE, deadline)?;
     let (greeting, _) = ServerGreeting::decode(&g)
         .map_err(protocol)?
@@ -216,9 +290,15 @@ pub(super) fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::
         return Err(protocol("server does not speak fixed newstyle"));
     }
     let cflags = ClientFlags::for_greeting(&greeting);
-    let no_zeroes = cflags.contains(ClientFlags::NO_ZEROES);
-    let mut out = Vec::with_capacity(64 + export.len());
+    let mut out = Vec::with_capacity(4);
     cflags.encode(&mut out);
+    s.write_all_by(&out, deadline)?;
+    Ok(cflags.contains(ClientFlags::NO_ZEROES))
+}
+
+/// `OPT_GO` for `export` (`EXPORT_NAME` with an old server).
+fn go(s: &mut Stream, export: &str, no_zeroes: bool, deadline: Instant) -> io::Result<ExportInfo> {
+    let mut out = Vec::with_capacity(64 + export.len());
     encode_export_request(&mut out, Opt::Go, export, &[InfoType::BlockSize]).map_err(protocol)?;
     s.write_all_by(&out, deadline)?;
     let mut export_info: Option<(u64, TransmissionFlags)> = None;

@@ -108,6 +108,16 @@ pub struct NbdParams {
     /// A request older than this is a path error; also bounds a connect.
     #[serde(default = "default_timeout")]
     pub timeout: TimeSpan,
+    /// TLS (`nbds://` URIs only): directory with `ca-cert.pem` and, optionally,
+    /// `client-cert.pem` + `client-key.pem` (the URI's `tls-certificates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificates: Option<PathBuf>,
+    /// TLS-PSK key file, psktool's `username:hexkey` lines (the URI's `tls-psk-file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_psk_file: Option<PathBuf>,
+    /// PSK username (the URI's `user@` or `tls-username`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_username: Option<String>,
 }
 
 fn one() -> u32 {
@@ -131,6 +141,9 @@ impl LeafKind for Nbd {
         Field::required("uri", check_uri),
         Field::optional("connections", |v| check_int(v, 1, 64)),
         Field::optional("timeout", check_time),
+        Field::optional("tls_certificates", check_string),
+        Field::optional("tls_psk_file", check_string),
+        Field::optional("tls_username", check_string),
     ];
     type Params = NbdParams;
 
@@ -140,6 +153,34 @@ impl LeafKind for Nbd {
             timeout: p.timeout.get(),
             ..NbdOptions::default()
         };
-        Ok(Arc::new(NbdLeaf::connect(&p.uri, opts)?))
+        let mut uri = NbdUri::parse(&p.uri)?;
+        let given =
+            p.tls_certificates.is_some() || p.tls_psk_file.is_some() || p.tls_username.is_some();
+        match &mut uri.tls {
+            Some(t) => {
+                if let Some(d) = &p.tls_certificates {
+                    t.certificates = Some(d.clone());
+                }
+                if let Some(f) = &p.tls_psk_file {
+                    t.psk_file = Some(f.clone());
+                }
+                if let Some(u) = &p.tls_username {
+                    t.username = Some(u.clone());
+                }
+                t.check()
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.uri)))?;
+            }
+            None if given => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{}: tls_* parameters need an nbds:// or nbds+unix:// URI",
+                        p.uri
+                    ),
+                ))
+            }
+            None => {}
+        }
+        Ok(Arc::new(NbdLeaf::connect_uri(&p.uri, uri, opts)?))
     }
 }

@@ -18,7 +18,8 @@ const EVERY_KIND: &[(&str, &str)] = &[
     ),
     (
         "nbd",
-        "uri = \"nbd+unix:///e?socket=/s\"\nconnections = 2\ntimeout = \"1500ms\"",
+        "uri = \"nbds+unix:///e?socket=/s\"\nconnections = 2\ntimeout = \"1500ms\"\n\
+         tls_certificates = \"/pki\"\ntls_psk_file = \"/k.psk\"\ntls_username = \"alice\"",
     ),
     (
         "powercut",

@@ -75,6 +75,19 @@ impl ServerConfig {
     }
 }
 
+/// What a connection does about TLS (`NBD_OPT_STARTTLS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS: `STARTTLS` gets `NBD_REP_ERR_POLICY`.
+    #[default]
+    Off,
+    /// TLS if the client asks for it ("selective"): every option works either way.
+    On,
+    /// TLS only: before `STARTTLS`, `EXPORT_NAME` ends the session and every other option
+    /// but `ABORT` gets `NBD_REP_ERR_TLS_REQD`.
+    Require,
+}
+
 /// Where the connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -169,6 +182,9 @@ enum Rx {
         errno: Errno,
         reason: &'static str,
     },
+    /// `STARTTLS` was acknowledged: no more plain-text input is read; the daemon sends the
+    /// output, runs the TLS handshake, then calls [`ServerConn::tls_started`].
+    TlsWait,
     /// Nothing more is read.
     Done,
 }
@@ -192,6 +208,8 @@ pub struct ServerConn {
     out: OutQueue,
     /// Scratch for block status replies.
     extents: Vec<Extent>,
+    tls: TlsPolicy,
+    tls_active: bool,
 }
 
 impl ServerConn {
@@ -211,7 +229,36 @@ impl ServerConn {
             ready: VecDeque::new(),
             out: OutQueue::with_capacity(4096, 4),
             extents: Vec::new(),
+            tls: TlsPolicy::Off,
+            tls_active: false,
         }
+    }
+
+    /// Sets what the connection does about TLS (before any input; [`TlsPolicy::Off`] if
+    /// never called).
+    pub fn set_tls(&mut self, policy: TlsPolicy) {
+        self.tls = policy;
+    }
+
+    /// `STARTTLS` was acknowledged and the connection waits for the TLS handshake: send the
+    /// output (the `ACK`) in plain text, then run the handshake on the same socket and call
+    /// [`tls_started`](Self::tls_started). A plain-text byte still unconsumed at this point was
+    /// sent before the `ACK`, which no client may do.
+    pub fn tls_wanted(&self) -> bool {
+        matches!(self.rx, Rx::TlsWait)
+    }
+
+    /// The TLS handshake finished: option haggling resumes, over TLS.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        if matches!(self.rx, Rx::TlsWait) {
+            self.rx = Rx::OptHeader;
+        }
+    }
+
+    /// Whether TLS is in force on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// The configuration in force (after clamping).
@@ -242,7 +289,7 @@ impl ServerConn {
     /// reading the socket until a completion or a send changes that), and once it ends.
     pub fn wants_input(&self) -> bool {
         match self.rx {
-            Rx::Done | Rx::Pending(_) => false,
+            Rx::Done | Rx::Pending(_) | Rx::TlsWait => false,
             Rx::OptHeader => !(self.stash_len == 0 && self.output_full()),
             _ => true,
         }
@@ -298,7 +345,7 @@ impl ServerConn {
     /// 0 when the state changed), `None` when nothing more can happen with this input.
     fn step(&mut self, input: &[u8], exports: &dyn Exports) -> Option<usize> {
         match self.rx {
-            Rx::Done | Rx::Pending(_) => None,
+            Rx::Done | Rx::Pending(_) | Rx::TlsWait => None,
             Rx::ClientFlags => {
                 let n = self.gather(ClientFlags::SIZE, input)?;
                 if self.stash_len == ClientFlags::SIZE {
@@ -508,6 +555,17 @@ impl ServerConn {
         if opt == Opt::SetMetaContext {
             self.haggle.meta = None;
         }
+        if self.tls == TlsPolicy::Require && !self.tls_active {
+            match opt {
+                Opt::StartTls | Opt::Abort => {}
+                // No error reply exists for EXPORT_NAME: the session ends.
+                Opt::ExportName => return self.close(),
+                _ => {
+                    let msg = "TLS is required: send NBD_OPT_STARTTLS first";
+                    return self.option_reply(opt, OptionReply::error(RepError::TlsReqd, msg));
+                }
+            }
+        }
         let req = match OptionRequest::parse(opt, data) {
             Ok(req) => req,
             Err(e) => {
@@ -536,10 +594,7 @@ impl ServerConn {
                 }
                 self.option_reply(opt, OptionReply::Ack);
             }
-            OptionRequest::StartTls => self.option_reply(
-                opt,
-                OptionReply::error(RepError::Policy, "TLS is not supported by this server"),
-            ),
+            OptionRequest::StartTls => self.start_tls(opt),
             OptionRequest::Info(r) => self.info(opt, r, exports, false),
             OptionRequest::Go(r) => self.info(opt, r, exports, true),
             OptionRequest::StructuredReply => {
@@ -561,6 +616,22 @@ impl ServerConn {
                 self.option_reply(opt, OptionReply::error(RepError::Unsup, ""));
             }
         }
+    }
+
+    fn start_tls(&mut self, opt: Opt) {
+        if self.tls == TlsPolicy::Off {
+            let msg = "TLS is not enabled on this server";
+            return self.option_reply(opt, OptionReply::error(RepError::Policy, msg));
+        }
+        if self.tls_active {
+            let msg = "TLS is already in force";
+            return self.option_reply(opt, OptionReply::error(RepError::Invalid, msg));
+        }
+        self.option_reply(opt, OptionReply::Ack);
+        // What was negotiated in plain text does not carry over into TLS.
+        self.haggle.structured = false;
+        self.haggle.meta = None;
+        self.rx = Rx::TlsWait;
     }
 
     /// The export an option names, with the block size constraints to advertise. The

@@ -24,7 +24,8 @@
 //! answered straight into the output: `INFO`/`GO` (`NBD_INFO_EXPORT`, `BLOCK_SIZE` always,
 //! `NAME` and `DESCRIPTION` when asked), `LIST`, `ABORT`, `EXPORT_NAME` (with or without the
 //! 124 zero bytes), `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` with
-//! `base:allocation`; `STARTTLS` gets `ERR_POLICY`, `EXTENDED_HEADERS` and unknown options
+//! `base:allocation`; `STARTTLS` as [`TlsPolicy`] says (`ERR_POLICY` when off; the daemon runs the
+//! TLS handshake itself, see [`ServerConn::tls_wanted`]), `EXTENDED_HEADERS` and unknown options
 //! `ERR_UNSUP`, malformed data `ERR_INVALID` (or `ERR_TOO_BIG`, its data skipped unread).
 //! Garbage instead of a magic, bad client flags, an unknown export in `EXPORT_NAME` end the
 //! connection.
@@ -70,5 +71,5 @@ mod exports;
 mod output;
 mod slots;
 
-pub use conn::{Io, IoKind, ServerConfig, ServerConn, State, BASE_ALLOCATION_ID};
+pub use conn::{Io, IoKind, ServerConfig, ServerConn, State, TlsPolicy, BASE_ALLOCATION_ID};
 pub use exports::{ExportInfo, ExportSummary, Exports};

@@ -39,7 +39,8 @@ fn leaf_errors_are_on_their_key_lines() {
     let e = parse(text, None).unwrap_err().to_string();
     assert_eq!(
         e,
-        "2: [leaf.r]: missing 'uri' (nbd leaves take: kind, uri, connections, timeout)\n\
+        "2: [leaf.r]: missing 'uri' (nbd leaves take: kind, uri, connections, timeout, \
+         tls_certificates, tls_psk_file, tls_username)\n\
          3: [leaf.r]: connections: 0 is out of range (1..=64)\n\
          4: [leaf.r]: timeout: invalid duration '9999999999999999999s': at most 86400s (one day)"
     );

@@ -1,4 +1,4 @@
-//! The NBD listeners: where they bind (loopback only unless `--insecure`: there is no TLS yet),
+//! The NBD listeners: where they bind (loopback only, unless TLS is required or `--insecure`),
 //! the unix socket's mode and group, how many connections they hold at once and how long a
 //! client may take over the handshake.
 
@@ -21,10 +21,12 @@ pub struct NetArgs {
     /// Group of the NBD unix socket (a name or a gid), e.g. with --socket-mode 0660.
     #[arg(long, value_parser = super::trust::parse_group)]
     pub socket_group: Option<u32>,
-    /// Allow --listen on an address that is not loopback (NBD without TLS: anyone who can
-    /// reach it can read and write the exports).
+    /// Allow --listen on an address that is not loopback without `--tls require` (NBD in
+    /// plain text: anyone who can reach it can read and write the exports).
     #[arg(long)]
     pub insecure: bool,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     /// NBD connections served at once; more are closed at once (and logged).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub nbd_max_conns: u64,
@@ -69,8 +71,9 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Resolves `--listen` and refuses addresses that are not loopback unless `insecure`.
-pub fn tcp_addrs(listen: &str, insecure: bool) -> Result<Vec<SocketAddr>, String> {
+/// Resolves `--listen` and refuses addresses that are not loopback unless `tls_only` (every
+/// client must start TLS) or `insecure`.
+pub fn tcp_addrs(listen: &str, insecure: bool, tls_only: bool) -> Result<Vec<SocketAddr>, String> {
     let addrs: Vec<SocketAddr> = listen
         .to_socket_addrs()
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?
@@ -84,12 +87,13 @@ pub fn tcp_addrs(listen: &str, insecure: bool) -> Result<Vec<SocketAddr>, String
             v.ip().is_loopback() || v.ip().to_ipv4_mapped().is_some_and(|i| i.is_loopback())
         }
     };
-    if let Some(a) = addrs.iter().find(|a| !loopback(a)) {
+    if let Some(a) = addrs.iter().filter(|_| !tls_only).find(|a| !loopback(a)) {
         if !insecure {
             return Err(format!(
                 "refusing to serve NBD on {a} (from --listen {listen}): it is not a loopback \
-                 address and stackbd has no TLS yet, so anyone who can reach it could read and \
-                 write every export; pass --insecure to do it anyway, or listen on 127.0.0.1"
+                 address and TLS is not required, so anyone who can reach it could read and \
+                 write every export; use --tls require with --tls-cert/--tls-key or --tls-psk, \
+                 pass --insecure to do it anyway, or listen on 127.0.0.1"
             ));
         }
         eprintln!(
@@ -100,13 +104,19 @@ pub fn tcp_addrs(listen: &str, insecure: bool) -> Result<Vec<SocketAddr>, String
     Ok(addrs)
 }
 
-pub fn bind_tcp(listen: &str, insecure: bool) -> Result<TcpListener, String> {
-    let addrs = tcp_addrs(listen, insecure)?;
+/// Binds `--listen` (see [`tcp_addrs`]), after checking the TLS options.
+pub fn bind_tcp(listen: &str, net: &NetArgs) -> Result<TcpListener, String> {
+    let tls = net.tls.server()?;
+    let tls_only = tls
+        .as_ref()
+        .is_some_and(|t| t.policy() == stackbd_nbd::server::TlsPolicy::Require);
+    let addrs = tcp_addrs(listen, net.insecure, tls_only)?;
     TcpListener::bind(&addrs[..]).map_err(|e| format!("cannot listen on {listen}: {e}"))
 }
 
 /// The NBD unix socket, with its mode and group set before it appears under its name.
 pub fn bind_unix(p: &Path, net: &NetArgs) -> Result<UnixListener, String> {
+    net.tls.server()?;
     super::trust::bind_unix(p, net.socket_mode, net.socket_group)
         .map_err(|e| format!("cannot listen on {}: {e}", p.display()))
 }
@@ -129,6 +139,8 @@ pub fn accept_loop(d: &Daemon, l: Listener, net: &NetArgs, count: &Arc<AtomicUsi
         tv_nsec: 100_000_000,
     };
     let max = net.nbd_max_conns as usize;
+    // Built (and checked) before the listener was bound; this only fetches it.
+    let tls = net.tls.server().ok().flatten();
     let mut refused: u64 = 0;
     while !d.stop.load(Ordering::Relaxed) {
         let mut pfd = [rustix::event::PollFd::new(
@@ -174,6 +186,7 @@ pub fn accept_loop(d: &Daemon, l: Listener, net: &NetArgs, count: &Arc<AtomicUsi
             Ok(fe) => {
                 let fe = fe
                     .limit_handshake(net.nbd_handshake_timeout)
+                    .with_tls(tls.clone())
                     .with_guard(guard);
                 d.attacher.attach(Box::new(fe), None);
             }
@@ -188,11 +201,13 @@ mod tests {
 
     #[test]
     fn loopback_only_unless_insecure() {
-        assert!(tcp_addrs("127.0.0.1:0", false).is_ok());
-        assert!(tcp_addrs("[::1]:0", false).is_ok());
-        let e = tcp_addrs("0.0.0.0:0", false).unwrap_err();
+        assert!(tcp_addrs("127.0.0.1:0", false, false).is_ok());
+        assert!(tcp_addrs("[::1]:0", false, false).is_ok());
+        let e = tcp_addrs("0.0.0.0:0", false, false).unwrap_err();
         assert!(e.contains("--insecure"), "{e}");
-        assert!(tcp_addrs("0.0.0.0:0", true).is_ok());
+        assert!(e.contains("--tls require"), "{e}");
+        assert!(tcp_addrs("0.0.0.0:0", true, false).is_ok());
+        assert!(tcp_addrs("0.0.0.0:0", false, true).is_ok(), "TLS required");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod nbd;
 pub mod pending;
 pub mod shutdown;
 pub mod state;
+pub mod tls;
 pub mod trust;
 
 use crate::config;
@@ -341,7 +342,7 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     let mut where_ = Vec::new();
     let nbd_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if args.listen != "none" {
-        let l = listen::bind_tcp(&args.listen, args.net.insecure)?;
+        let l = listen::bind_tcp(&args.listen, &args.net)?;
         where_.push(format!(
             "nbd://{}",
             l.local_addr().map_err(|e| e.to_string())?

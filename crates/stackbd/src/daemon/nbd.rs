@@ -3,6 +3,8 @@
 //! as they complete (pipelined, in completion order). No thread per connection or per request,
 //! no thread hop per I/O, no allocation per request in steady state.
 
+use super::tls::TlsServer;
+use openssl::ssl::{ErrorCode, SslStream};
 use stackbd_core::leaf::Extent;
 use stackbd_core::runtime::{Frontend, FrontendCx};
 use stackbd_core::{BioFlags, Completion, DataBuf, DevId, Op, Request, Status, SECTOR_SIZE};
@@ -161,6 +163,113 @@ impl Sock {
     }
 }
 
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Sock::read(self, buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, iov: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        Sock::write_vectored(self, iov)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The connection's transport: plain, or TLS once `STARTTLS` was acknowledged.
+enum Link {
+    Plain(Sock),
+    /// `done`: the TLS handshake finished.
+    Tls {
+        s: Box<SslStream<Sock>>,
+        done: bool,
+    },
+    /// Only while switching from one to the other.
+    Gone,
+}
+
+fn would_block() -> std::io::Error {
+    std::io::ErrorKind::WouldBlock.into()
+}
+
+/// An OpenSSL error as an I/O error: "would block" when it wants the socket to be ready.
+fn tls_io(e: openssl::ssl::Error, want_write: &mut bool) -> std::io::Error {
+    match e.code() {
+        ErrorCode::WANT_READ => would_block(),
+        ErrorCode::WANT_WRITE => {
+            *want_write = true;
+            would_block()
+        }
+        // A clean close_notify from the peer.
+        ErrorCode::ZERO_RETURN => std::io::ErrorKind::UnexpectedEof.into(),
+        _ => e
+            .into_io_error()
+            .unwrap_or_else(|e| std::io::Error::other(e.to_string())),
+    }
+}
+
+impl Link {
+    fn sock(&self) -> Option<&Sock> {
+        match self {
+            Link::Plain(s) => Some(s),
+            Link::Tls { s, .. } => Some(s.get_ref()),
+            Link::Gone => None,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8], want_write: &mut bool) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Tls { s, done: true } => match s.ssl_read(buf) {
+                Ok(n) => Ok(n),
+                Err(e) if e.code() == ErrorCode::ZERO_RETURN => Ok(0),
+                Err(e) => Err(tls_io(e, want_write)),
+            },
+            Link::Tls { .. } | Link::Gone => Err(would_block()),
+        }
+    }
+
+    /// Writes what it can of `iov` (TLS: record by record, slice by slice).
+    fn write_vectored(
+        &mut self,
+        iov: &[IoSlice<'_>],
+        want_write: &mut bool,
+    ) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write_vectored(iov),
+            Link::Tls { s, done: true } => {
+                let mut total = 0;
+                for b in iov.iter().filter(|b| !b.is_empty()) {
+                    match s.ssl_write(b) {
+                        Ok(n) => {
+                            total += n;
+                            if n < b.len() {
+                                break;
+                            }
+                        }
+                        Err(_) if total > 0 => break,
+                        Err(e) => return Err(tls_io(e, want_write)),
+                    }
+                }
+                Ok(total)
+            }
+            Link::Tls { .. } | Link::Gone => Err(would_block()),
+        }
+    }
+
+    /// Buffered plaintext a read would return without touching the socket.
+    fn pending(&self) -> bool {
+        matches!(self, Link::Tls { s, done: true } if s.ssl().pending() > 0)
+    }
+}
+
 /// Bytes read from the socket at a time; requests larger than this arrive over several reads.
 const READ_CHUNK: usize = 256 << 10;
 const IOV_MAX: usize = 64;
@@ -170,7 +279,13 @@ const IOV_MAX: usize = 64;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 pub struct NbdFrontend {
-    sock: Sock,
+    link: Link,
+    /// The TLS context, when the server has one.
+    tls: Option<Arc<TlsServer>>,
+    /// The client's TLS identity (certificate CN or PSK username), once TLS is up.
+    identity: Option<String>,
+    /// OpenSSL is waiting for the socket to become writable.
+    tls_want_write: bool,
     conn: ServerConn,
     exports: Arc<ExportTable>,
     shutdown: Arc<AtomicBool>,
@@ -211,7 +326,10 @@ impl NbdFrontend {
         let mut conn = ServerConn::new(ServerConfig::default());
         conn.greeting();
         Ok(NbdFrontend {
-            sock,
+            link: Link::Plain(sock),
+            tls: None,
+            identity: None,
+            tls_want_write: false,
             conn,
             exports,
             shutdown,
@@ -236,6 +354,91 @@ impl NbdFrontend {
         self
     }
 
+    /// Offers TLS (`STARTTLS`) with `tls`, as its policy says.
+    pub fn with_tls(mut self, tls: Option<Arc<TlsServer>>) -> Self {
+        if let Some(t) = &tls {
+            self.conn.set_tls(t.policy());
+        }
+        self.tls = tls;
+        self
+    }
+
+    /// Ends the connection at once, owing nothing more to the client.
+    fn abort(&mut self) {
+        self.eof = true;
+        self.conn.shutdown();
+        let len = self.conn.output_len();
+        self.conn.consume_output(len);
+    }
+
+    /// After `STARTTLS` was acknowledged (and the `ACK` sent): starts the TLS session on the
+    /// socket, then drives its handshake, non-blocking, until it is done.
+    fn drive_tls(&mut self) -> usize {
+        let Some(tls) = self.tls.clone() else {
+            return 0;
+        };
+        if matches!(self.link, Link::Plain(_)) {
+            if !self.conn.tls_wanted() || self.conn.output_len() > 0 {
+                return 0;
+            }
+            if self.have > 0 {
+                // Bytes sent before our ACK: no client may do that.
+                super::tls::log_failure(&"the client sent data before STARTTLS was answered");
+                self.abort();
+                return 1;
+            }
+            let Link::Plain(sock) = std::mem::replace(&mut self.link, Link::Gone) else {
+                return 0;
+            };
+            match tls.session().and_then(|ssl| SslStream::new(ssl, sock)) {
+                Ok(s) => {
+                    self.link = Link::Tls {
+                        s: Box::new(s),
+                        done: false,
+                    }
+                }
+                Err(e) => {
+                    super::tls::log_failure(&e);
+                    self.abort();
+                    self.closed = true;
+                    return 1;
+                }
+            }
+        }
+        let Link::Tls { s, done } = &mut self.link else {
+            return 0;
+        };
+        if *done {
+            return 0;
+        }
+        match s.accept() {
+            Ok(()) => {
+                *done = true;
+                self.identity = tls.identity(s.ssl());
+                let version = s.ssl().version_str();
+                let cipher = s.ssl().current_cipher().map_or("?", |c| c.name());
+                tracing::info!(
+                    identity = self.identity.as_deref().unwrap_or("-"),
+                    version,
+                    cipher,
+                    "NBD client started TLS"
+                );
+                self.conn.tls_started();
+                1
+            }
+            Err(e) if e.code() == ErrorCode::WANT_READ => 0,
+            Err(e) if e.code() == ErrorCode::WANT_WRITE => {
+                self.tls_want_write = true;
+                0
+            }
+            Err(e) => {
+                super::tls::log_failure(&e);
+                self.abort();
+                1
+            }
+        }
+    }
+
     /// Keeps `g` (a place in the server's connection count) until the connection is dropped.
     pub fn with_guard(mut self, g: super::listen::ConnGuard) -> Self {
         self._guard = Some(g);
@@ -246,9 +449,20 @@ impl NbdFrontend {
         let mut work = 0;
         loop {
             if self.have > 0 {
-                let n = self
-                    .conn
-                    .input(&self.inbuf[..self.have], self.exports.as_ref());
+                let n = match &self.tls {
+                    // Only during the handshake (plain connections never get here).
+                    Some(t) if self.conn.state() == State::Handshake => {
+                        let view = Allowed {
+                            table: &self.exports,
+                            tls: t,
+                            identity: self.identity.as_deref(),
+                        };
+                        self.conn.input(&self.inbuf[..self.have], &view)
+                    }
+                    _ => self
+                        .conn
+                        .input(&self.inbuf[..self.have], self.exports.as_ref()),
+                };
                 if n > 0 {
                     self.inbuf.copy_within(n..self.have, 0);
                     self.have -= n;
@@ -258,7 +472,10 @@ impl NbdFrontend {
             if self.eof || !self.conn.wants_input() || self.have == self.inbuf.len() {
                 return work;
             }
-            match self.sock.read(&mut self.inbuf[self.have..]) {
+            match self
+                .link
+                .read(&mut self.inbuf[self.have..], &mut self.tls_want_write)
+            {
                 Ok(0) => {
                     // The client went away (perhaps mid-request): finish what was acknowledged
                     // to nobody, drop the rest.
@@ -286,7 +503,10 @@ impl NbdFrontend {
         while self.conn.output_len() > 0 {
             let mut iov = [IoSlice::new(&[]); IOV_MAX];
             let n = self.conn.output_iovecs(&mut iov);
-            match self.sock.write_vectored(&iov[..n]) {
+            match self
+                .link
+                .write_vectored(&iov[..n], &mut self.tls_want_write)
+            {
                 Ok(0) => break,
                 Ok(w) => {
                     self.conn.consume_output(w);
@@ -424,6 +644,33 @@ impl NbdFrontend {
     }
 }
 
+/// The exports as one TLS client may see them: those whose allow-list names its identity,
+/// or that have none.
+struct Allowed<'a> {
+    table: &'a ExportTable,
+    tls: &'a TlsServer,
+    identity: Option<&'a str>,
+}
+
+impl Exports for Allowed<'_> {
+    fn list(&self) -> Vec<ExportSummary> {
+        let mut v = self.table.list();
+        v.retain(|e| self.tls.allows(&e.name, self.identity));
+        v
+    }
+
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        if !self.tls.allows(name, self.identity) {
+            return None;
+        }
+        self.table.lookup(name)
+    }
+
+    fn default_export(&self) -> Option<String> {
+        self.table.default_export()
+    }
+}
+
 /// The NBD error for a status: the program's one errno mapping (`Status::nbd_errno`).
 fn errno(s: Status) -> Errno {
     Errno::from_wire(s.nbd_errno()).unwrap_or(Errno::Eio)
@@ -462,7 +709,14 @@ impl Frontend for NbdFrontend {
             let len = self.conn.output_len();
             self.conn.consume_output(len);
         }
-        let mut work = self.read_input();
+        self.tls_want_write = false;
+        let mut work = self.drive_tls();
+        work += self.read_input();
+        work += self.drive_tls();
+        if self.link.pending() && self.conn.wants_input() {
+            // TLS holds decrypted bytes the socket will not signal: poll again.
+            work += 1;
+        }
         while let Some(io) = self.waiting.pop_front() {
             if !self.start(cx, io) {
                 self.waiting.push_front(io);
@@ -491,7 +745,13 @@ impl Frontend for NbdFrontend {
             work += 1;
         }
         if self.conn.state() == State::Closed && self.running == 0 && self.conn.output_len() == 0 {
-            self.sock.shutdown();
+            if let Link::Tls { s, done: true } = &mut self.link {
+                // Best effort, never waited for.
+                let _ = s.shutdown();
+            }
+            if let Some(s) = self.link.sock() {
+                s.shutdown();
+            }
             self.closed = true;
             work += 1;
         }
@@ -511,8 +771,8 @@ impl Frontend for NbdFrontend {
     }
 
     fn wait_fds(&self, out: &mut Vec<(RawFd, bool)>) {
-        if !self.closed {
-            out.push((self.sock.fd(), self.conn.output_len() > 0));
+        if let (false, Some(s)) = (self.closed, self.link.sock()) {
+            out.push((s.fd(), self.conn.output_len() > 0 || self.tls_want_write));
         }
     }
 
