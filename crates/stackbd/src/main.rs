@@ -32,7 +32,7 @@ enum Command {
     /// Load a volume from reactor threads and report IOPS, latency and allocations per I/O.
     Bench(bench::BenchArgs),
     /// Run the daemon: serve volumes over NBD (the demo stack without --config).
-    Serve(stackbd::daemon::ServeArgs),
+    Serve(Box<stackbd::daemon::ServeArgs>),
     /// Copy sectors within a volume through the copy engine (offloaded where the stack can).
     Copy(copy_cmd::CopyArgs),
     /// The dmsetup-style verbs, leaf/export management, stats and shutdown (via the daemon).

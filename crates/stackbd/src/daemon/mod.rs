@@ -343,8 +343,15 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     let nbd_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if args.listen != "none" {
         let l = listen::bind_tcp(&args.listen, &args.net)?;
+        // Usable URIs: the scheme says whether TLS is needed (`nbds`), the path names an export.
+        let scheme = if args.net.tls.mode() == tls::TlsMode::Off {
+            "nbd"
+        } else {
+            "nbds"
+        };
+        let first = first_export(&daemon);
         where_.push(format!(
-            "nbd://{}",
+            "{scheme}://{}/{first}",
             l.local_addr().map_err(|e| e.to_string())?
         ));
         let (d, net, n) = (daemon.clone(), args.net.clone(), nbd_conns.clone());
@@ -357,7 +364,16 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     }
     if let Some(p) = &args.socket {
         let l = listen::bind_unix(p, &args.net)?;
-        where_.push(format!("nbd+unix:///?socket={}", p.display()));
+        let scheme = if args.net.tls.mode() == tls::TlsMode::Off {
+            "nbd+unix"
+        } else {
+            "nbds+unix"
+        };
+        where_.push(format!(
+            "{scheme}:///{}?socket={}",
+            first_export(&daemon),
+            p.display()
+        ));
         let (d, net, n) = (daemon.clone(), args.net.clone(), nbd_conns.clone());
         acceptors.push(
             std::thread::Builder::new()
@@ -470,6 +486,16 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         return Err(format!("{sync_errors} leaves could not be flushed"));
     }
     Ok(())
+}
+
+/// The first export's name, for the URIs the start-up line prints (empty without exports).
+fn first_export(d: &Daemon) -> String {
+    d.exports
+        .all()
+        .into_iter()
+        .map(|e| e.name)
+        .min()
+        .unwrap_or_default()
 }
 
 /// The engine, also after a panic elsewhere poisoned its lock: every engine call that can
