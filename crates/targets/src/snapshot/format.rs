@@ -264,3 +264,110 @@ pub enum AreaEnd {
     /// Every entry used: the table goes on in the next area.
     Full,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn header_round_trips_and_rejects_garbage() {
+        let mut b = [0u8; 512];
+        assert_eq!(decode_header(&b), Ok(Header::Fresh));
+        encode_header(&mut b, true, 16);
+        assert_eq!(&b[..4], b"SnAp");
+        assert_eq!(
+            decode_header(&b),
+            Ok(Header::Store {
+                valid: true,
+                chunk_sectors: 16
+            })
+        );
+        encode_header(&mut b, false, 16);
+        assert!(matches!(
+            decode_header(&b),
+            Ok(Header::Store { valid: false, .. })
+        ));
+        b[8] = 2;
+        assert_eq!(decode_header(&b), Err(FormatError::BadVersion(2)));
+        b[0] = b'X';
+        assert!(matches!(decode_header(&b), Err(FormatError::BadMagic(_))));
+        assert!(matches!(
+            decode_header(&b[..8]),
+            Err(FormatError::Short { .. })
+        ));
+        let mut c = [0u8; 16];
+        encode_header(&mut c, true, 12);
+        assert_eq!(decode_header(&c), Err(FormatError::BadChunkSize(12)));
+    }
+
+    #[test]
+    fn geometry_places_areas_and_skips_them() {
+        let g = Geometry::new(8, 8 * 1000).unwrap();
+        assert_eq!(g.entries_per_area(), 256);
+        assert_eq!(g.area_chunk(0), Ok(1));
+        assert_eq!(g.area_chunk(1), Ok(258));
+        assert!(g.is_metadata(0) && g.is_metadata(1) && g.is_metadata(258));
+        assert!(!g.is_metadata(2) && !g.is_metadata(257));
+        assert_eq!(g.skip_metadata(0), 2);
+        assert_eq!(g.skip_metadata(1), 2);
+        assert_eq!(g.skip_metadata(258), 259);
+        assert_eq!(g.area_chunk(u64::MAX), Err(FormatError::Overflow));
+    }
+
+    #[test]
+    fn an_area_ends_at_the_first_zero_new_chunk() {
+        let g = Geometry::new(8, 8 * 1000).unwrap();
+        let mut a = vec![0u8; g.chunk_bytes()];
+        assert!(set_entry(&mut a, 0, Exception { old: 5, new: 2 }));
+        assert!(set_entry(&mut a, 1, Exception { old: 9, new: 3 }));
+        // After the end: ignored.
+        assert!(set_entry(&mut a, 3, Exception { old: 1, new: 4 }));
+        assert!(!set_entry(&mut a, 256, Exception { old: 1, new: 4 }));
+        let mut got = Vec::new();
+        let end = decode_area(&g, 0, &a, 100, |e| got.push(e)).unwrap();
+        assert_eq!(end, AreaEnd::Partial { used: 2 });
+        assert_eq!(
+            got,
+            vec![Exception { old: 5, new: 2 }, Exception { old: 9, new: 3 }]
+        );
+        // An entry into metadata or past the device is refused.
+        set_entry(&mut a, 2, Exception { old: 1, new: 258 });
+        assert!(matches!(
+            decode_area(&g, 0, &a, 100, |_| {}),
+            Err(FormatError::BadEntry { index: 2, .. })
+        ));
+        set_entry(&mut a, 2, Exception { old: 100, new: 4 });
+        assert!(
+            decode_area(&g, 0, &a, 100, |_| {}).is_err(),
+            "old chunk past the origin"
+        );
+    }
+
+    proptest! {
+        /// Any bytes: the parsers answer (Ok or a clear error), never panic, and every entry
+        /// they accept lies on the device's data chunks.
+        #[test]
+        fn mutated_metadata_never_panics(
+            seed in proptest::collection::vec(any::<u8>(), 4096),
+            flips in proptest::collection::vec((0usize..4096, any::<u8>()), 0..64),
+            chunk_pow in 0u32..4,
+            cow_chunks in 0u64..2000,
+        ) {
+            let mut b = seed;
+            // Start from a well-formed header and area, then mutate bytes.
+            let chunk = 8u32 << chunk_pow;
+            encode_header(&mut b[..16], true, chunk);
+            for (at, v) in flips {
+                b[at] ^= v;
+            }
+            let _ = decode_header(&b);
+            let _ = decode_header(&b[..b.len().min(15)]);
+            if let Ok(g) = Geometry::new(chunk, cow_chunks * chunk as u64) {
+                let _ = decode_area(&g, u64::MAX, &b, 1 << 20, |e| {
+                    assert!(e.new < g.cow_chunks && !g.is_metadata(e.new));
+                });
+            }
+        }
+    }
+}
