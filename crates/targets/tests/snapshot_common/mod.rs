@@ -51,14 +51,19 @@ pub fn pattern(sectors: u64, seed: u64) -> Vec<u8> {
 
 impl Rig {
     pub fn new(sectors: u64, cow_sectors: u64, ncows: usize) -> Rig {
+        Rig::with_cows(sectors, &vec![cow_sectors; ncows])
+    }
+
+    /// As `new`, with COW leaves of these sizes (sectors).
+    pub fn with_cows(sectors: u64, cows: &[u64]) -> Rig {
         let mut leaves = vec![(
             "base".to_string(),
             Arc::new(MemLeaf::new(sectors * SS as u64).unwrap()),
         )];
-        for i in 0..ncows {
+        for (i, c) in cows.iter().enumerate() {
             leaves.push((
                 format!("cow{i}"),
-                Arc::new(MemLeaf::new(cow_sectors * SS as u64).unwrap()),
+                Arc::new(MemLeaf::new(c * SS as u64).unwrap()),
             ));
         }
         let mut e = Engine::new(stackbd_targets::registry(), ReactorConfig::default());
