@@ -20,7 +20,7 @@ pub const VERSION: u32 = 1;
 pub const HEADER_CHUNKS: u64 = 1;
 /// Bytes of one `{old_chunk, new_chunk}` entry.
 pub const ENTRY_BYTES: usize = 16;
-/// Smallest chunk: one 4 KiB page... dm accepts any power of two of at least one page.
+/// Smallest chunk we accept (4 KiB, one page: what LVM allows at least).
 pub const MIN_CHUNK_SECTORS: u32 = 8;
 /// Largest chunk we accept (dm caps it at what fits its u32 fields; 2^21 sectors = 1 GiB here).
 pub const MAX_CHUNK_SECTORS: u32 = 1 << 21;
@@ -173,7 +173,7 @@ impl Geometry {
 
     /// True if chunk `c` holds the header or an area's metadata.
     pub fn is_metadata(&self, c: u64) -> bool {
-        c < HEADER_CHUNKS || (c - HEADER_CHUNKS) % (self.entries_per_area() + 1) == 0
+        c < HEADER_CHUNKS || (c - HEADER_CHUNKS).is_multiple_of(self.entries_per_area() + 1)
     }
 
     /// The first data chunk at or after `c` (skips metadata chunks).
