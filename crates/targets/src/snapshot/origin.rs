@@ -7,7 +7,7 @@
 //! one `ArcSwap` load and the exception words with atomics: no lock, no allocation.
 
 use super::registry::OriginEntry;
-use super::store::{untag, Lookup, K_COPY};
+use super::store::{untag, Lookup, K_COPY, K_RETRY};
 use stackbd_core::target::expect_args;
 use stackbd_core::{
     ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapResult, ReactorInit, Sector, Status, Target,
@@ -47,6 +47,7 @@ impl Drop for Origin {
 pub(crate) fn copy_out(entry: &OriginEntry, sector: Sector, cx: &mut TargetCx<'_>) -> bool {
     let snaps = entry.snaps.load();
     let mut wait = false;
+    let mut reads = false;
     for s in snaps.iter() {
         if !s.is_valid() {
             continue;
@@ -60,7 +61,9 @@ pub(crate) fn copy_out(entry: &OriginEntry, sector: Sector, cx: &mut TargetCx<'_
         }
         let c = sector / s.chunk_sectors() as u64;
         match s.lookup(c) {
-            Lookup::Cow(_) => {}
+            // Copied: but a snapshot read that went to the origin before the exception was
+            // committed may still be reading the old data there.
+            Lookup::Cow(_) => reads |= s.reads_in_flight(c),
             Lookup::Wait => wait = true,
             Lookup::None => {
                 if s.claim(c) {
@@ -80,6 +83,13 @@ pub(crate) fn copy_out(entry: &OriginEntry, sector: Sector, cx: &mut TargetCx<'_
             }
         }
     }
+    if reads && !wait {
+        cx.timer_at(
+            std::time::Instant::now() + std::time::Duration::from_micros(50),
+            super::store::tag(K_RETRY, 0, 0),
+        );
+        return true;
+    }
     wait
 }
 
@@ -93,6 +103,9 @@ pub(crate) fn route(
 ) {
     let (kind, id, v) = untag(tag);
     if let Some(s) = entry.store(id) {
+        if kind == K_RETRY {
+            return;
+        }
         if copy {
             s.copy_done(cx, v, status);
         } else if kind == K_COPY {
@@ -141,6 +154,10 @@ impl Target for Origin {
     }
 
     fn timer(&self, cx: &mut TargetCx<'_>, token: u64) {
+        if untag(token).0 == K_RETRY {
+            cx.unpark_where(|_| true);
+            return;
+        }
         route(&self.entry, cx, token, Status::Ok, false);
     }
 

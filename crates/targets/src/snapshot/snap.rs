@@ -12,8 +12,8 @@ use super::registry::OriginEntry;
 use super::store::{untag, Lookup, Persistence, Store, K_COPY};
 use stackbd_core::target::parse_num;
 use stackbd_core::{
-    ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapResult, Op, ReactorInit, Sector, Status,
-    Target, TargetCx,
+    ArgError, Bio, CtorCx, DevId, DevRef, Endio, Limits, MapResult, Op, ReactorInit, Sector,
+    Status, Target, TargetCx,
 };
 use std::any::Any;
 use std::sync::atomic::Ordering;
@@ -157,6 +157,9 @@ impl Target for Snapshot {
         match (bio.op, s.lookup(c)) {
             (_, Lookup::Wait) => MapResult::Park { key: 0 },
             (Op::Read, Lookup::None) => {
+                // Counted until it completes: an origin write to the chunk waits for it.
+                let bucket = s.read_started(c);
+                cx.push(bio, &(bucket as u64));
                 bio.dev = self.origin.id;
                 MapResult::Remapped
             }
@@ -188,6 +191,16 @@ impl Target for Snapshot {
                 }
             }
         }
+    }
+
+    fn end_io(&self, bio: &mut Bio, _cx: &mut TargetCx<'_>) -> Endio {
+        let bucket: u64 = bio.popped_ctx();
+        self.store.read_done(bucket as u32);
+        Endio::Done
+    }
+
+    fn frame_bytes(&self) -> usize {
+        8
     }
 
     fn max_io_len(&self, offset: Sector) -> Sector {

@@ -53,6 +53,12 @@ pub(crate) fn untag(t: u64) -> (u64, u16, u64) {
 /// Copies waiting for a commit, per store: slots hold `chunk + 1`, 0 when free.
 const READY_SLOTS: usize = 4096;
 
+/// Buckets counting the snapshot's reads in flight on the origin, by chunk (hashed): an origin
+/// write to a chunk waits until no snapshot read of it is still reading the old data there.
+pub(crate) const READ_BUCKETS: u64 = 256;
+/// Timer token kind: look at parked origin writes again (reads in flight drained).
+pub(crate) const K_RETRY: u64 = 11;
+
 /// Store kind from the table: `P`, `PO` or `N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Persistence {
@@ -114,6 +120,8 @@ pub struct Store {
     token: AtomicBool,
     ready: Box<[AtomicU64]>,
     ready_hint: AtomicU64,
+    /// Snapshot reads in flight on the origin, per chunk bucket.
+    origin_reads: Box<[std::sync::atomic::AtomicU32]>,
     /// Areas fully used (status: metadata sectors).
     area_index: AtomicU64,
     cs: Mutex<CommitState>,
@@ -172,6 +180,9 @@ impl Store {
             token: AtomicBool::new(false),
             ready: (0..READY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             ready_hint: AtomicU64::new(0),
+            origin_reads: (0..READ_BUCKETS)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             area_index: AtomicU64::new(0),
             cs: Mutex::new(CommitState {
                 area: vec![0; geo.chunk_bytes()],
@@ -219,6 +230,27 @@ impl Store {
             0
         };
         format!("{alloc}/{} {meta}", self.cow_sectors)
+    }
+
+    /// A snapshot read of chunk `c` goes to the origin: counted until [`Store::read_done`].
+    /// Returns the bucket to keep in the bio's frame.
+    pub(crate) fn read_started(&self, c: u64) -> u32 {
+        let b = (c % READ_BUCKETS) as u32;
+        self.origin_reads[b as usize].fetch_add(1, Ordering::AcqRel);
+        b
+    }
+
+    /// The snapshot read counted in `bucket` completed.
+    pub(crate) fn read_done(&self, bucket: u32) {
+        if let Some(n) = self.origin_reads.get(bucket as usize) {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// True if a snapshot read of chunk `c` (or of a chunk in its bucket) may still be reading
+    /// the origin.
+    pub(crate) fn reads_in_flight(&self, c: u64) -> bool {
+        self.origin_reads[(c % READ_BUCKETS) as usize].load(Ordering::Acquire) != 0
     }
 
     /// Looks chunk `c` up. Reactor thread; lock-free.
