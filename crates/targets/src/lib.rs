@@ -26,6 +26,7 @@ pub fn register_all(r: &mut TargetRegistry) {
     r.register("crypt", crypt::Crypt::ctor);
     r.register("snapshot-origin", snapshot::Origin::ctor);
     r.register("snapshot", snapshot::Snapshot::ctor);
+    r.register("snapshot-merge", snapshot::Merge::ctor);
 }
 
 /// A registry with every built-in target.

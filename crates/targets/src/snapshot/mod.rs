@@ -1,15 +1,18 @@
-//! Snapshots in dm's syntax and on-disk format: `snapshot-origin` and `snapshot`.
+//! Snapshots in dm's syntax and on-disk format: `snapshot-origin`, `snapshot` and
+//! `snapshot-merge`.
 //!
 //! - [`format`]: the persistent COW layout as bytes (pure).
 //! - [`store`]: one snapshot's exception table, allocation, load and commit.
 //! - [`registry`]: how a snapshot and its origin find each other (per engine, per device).
-//! - [`origin`], [`snap`]: the two targets.
+//! - [`origin`], [`snap`], [`merge`]: the targets.
 
 pub mod format;
+pub mod merge;
 pub mod origin;
 pub mod registry;
 pub mod snap;
 pub mod store;
 
+pub use merge::Merge;
 pub use origin::Origin;
 pub use snap::Snapshot;

@@ -26,6 +26,8 @@ pub struct OriginEntry {
     pub(crate) origins: AtomicU32,
     /// Of those, how many are suspended (presuspend .. resume).
     pub(crate) suspended: AtomicU32,
+    /// Live `snapshot-merge` targets over this device (new snapshots are refused meanwhile).
+    pub(crate) merging: AtomicU32,
     next_id: AtomicU32,
 }
 
@@ -51,6 +53,7 @@ impl OriginEntry {
             min_chunk: AtomicU64::new(0),
             origins: AtomicU32::new(0),
             suspended: AtomicU32::new(0),
+            merging: AtomicU32::new(0),
             next_id: AtomicU32::new(1),
         });
         reg.push(Arc::downgrade(&e));

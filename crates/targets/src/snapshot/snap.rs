@@ -31,61 +31,102 @@ pub struct Snapshot {
     discard_passdown_origin: bool,
 }
 
+/// A `snapshot` or `snapshot-merge` line, parsed and its devices resolved. Control plane.
+pub(crate) struct Parsed {
+    pub(crate) origin: DevRef,
+    pub(crate) origin_sectors: u64,
+    pub(crate) cow: DevRef,
+    pub(crate) cow_sectors: u64,
+    pub(crate) kind: Persistence,
+    pub(crate) chunk: u32,
+    pub(crate) discard_zeroes_cow: bool,
+    pub(crate) discard_passdown_origin: bool,
+}
+
+/// Parses `<origin> <COW device> <P|PO|N> <chunksize> [<#feature args> <arg>...]`.
+pub(crate) fn parse(cx: &CtorCx<'_>, args: &[&str]) -> Result<Parsed, ArgError> {
+    if args.len() < 4 {
+        return Err(ArgError::new(
+            "arguments",
+            format!(
+                "expected at least 4 arguments ({USAGE}), got {}",
+                args.len()
+            ),
+        ));
+    }
+    let kind = match args[2] {
+        "P" | "p" => Persistence::Persistent,
+        "PO" | "po" => Persistence::PersistentOverflow,
+        "N" | "n" => Persistence::Transient,
+        k => {
+            return Err(ArgError::new(
+                "persistent?",
+                format!("'{k}' is not P, PO or N"),
+            ))
+        }
+    };
+    let chunk: u32 = parse_num("chunksize", args[3])?;
+    format::check_chunk_sectors(chunk).map_err(|e| ArgError::new("chunksize", e.to_string()))?;
+    let (mut zeroes, mut passdown) = (false, false);
+    if args.len() > 4 {
+        let n: usize = parse_num("#feature args", args[4])?;
+        if args.len() != 5 + n {
+            return Err(ArgError::new(
+                "#feature args",
+                format!("says {n}, but {} follow", args.len() - 5),
+            ));
+        }
+        for f in &args[5..] {
+            match *f {
+                "discard_zeroes_cow" => zeroes = true,
+                "discard_passdown_origin" => passdown = true,
+                f => return Err(ArgError::new("feature", format!("unknown feature '{f}'"))),
+            }
+        }
+        if passdown && !zeroes {
+            return Err(ArgError::new(
+                "feature",
+                "discard_passdown_origin needs discard_zeroes_cow",
+            ));
+        }
+    }
+    let (origin, oinfo) = cx.device("origin", args[0], 0, cx.len)?;
+    let (cow, cinfo) = cx.device("COW device", args[1], 0, 0)?;
+    if cow.id == origin.id {
+        return Err(ArgError::new("COW device", "is the origin itself"));
+    }
+    Ok(Parsed {
+        origin,
+        origin_sectors: oinfo.size,
+        cow,
+        cow_sectors: cinfo.size,
+        kind,
+        chunk,
+        discard_zeroes_cow: zeroes,
+        discard_passdown_origin: passdown,
+    })
+}
+
 impl Snapshot {
     /// Builds the target. Control plane; allocates the exception table.
     pub fn ctor(cx: &CtorCx<'_>, args: &[&str]) -> Result<Box<dyn Target>, ArgError> {
-        if args.len() < 4 {
+        let Parsed {
+            origin,
+            origin_sectors,
+            cow,
+            cow_sectors,
+            kind,
+            chunk,
+            discard_zeroes_cow: zeroes,
+            discard_passdown_origin: passdown,
+        } = parse(cx, args)?;
+        let entry = OriginEntry::get(cx.namespace(), origin.id);
+        if entry.merging.load(Ordering::Acquire) > 0 {
             return Err(ArgError::new(
-                "arguments",
-                format!(
-                    "expected at least 4 arguments ({USAGE}), got {}",
-                    args.len()
-                ),
+                "origin",
+                format!("'{origin}' is being merged into: wait for the merge to finish"),
             ));
         }
-        let kind = match args[2] {
-            "P" | "p" => Persistence::Persistent,
-            "PO" | "po" => Persistence::PersistentOverflow,
-            "N" | "n" => Persistence::Transient,
-            k => {
-                return Err(ArgError::new(
-                    "persistent?",
-                    format!("'{k}' is not P, PO or N"),
-                ))
-            }
-        };
-        let chunk: u32 = parse_num("chunksize", args[3])?;
-        format::check_chunk_sectors(chunk)
-            .map_err(|e| ArgError::new("chunksize", e.to_string()))?;
-        let (mut zeroes, mut passdown) = (false, false);
-        if args.len() > 4 {
-            let n: usize = parse_num("#feature args", args[4])?;
-            if args.len() != 5 + n {
-                return Err(ArgError::new(
-                    "#feature args",
-                    format!("says {n}, but {} follow", args.len() - 5),
-                ));
-            }
-            for f in &args[5..] {
-                match *f {
-                    "discard_zeroes_cow" => zeroes = true,
-                    "discard_passdown_origin" => passdown = true,
-                    f => return Err(ArgError::new("feature", format!("unknown feature '{f}'"))),
-                }
-            }
-            if passdown && !zeroes {
-                return Err(ArgError::new(
-                    "feature",
-                    "discard_passdown_origin needs discard_zeroes_cow",
-                ));
-            }
-        }
-        let (origin, oinfo) = cx.device("origin", args[0], 0, cx.len)?;
-        let (cow, cinfo) = cx.device("COW device", args[1], 0, 0)?;
-        if cow.id == origin.id {
-            return Err(ArgError::new("COW device", "is the origin itself"));
-        }
-        let entry = OriginEntry::get(cx.namespace(), origin.id);
         if entry.origins.load(Ordering::Acquire) > 0 && entry.suspended.load(Ordering::Acquire) == 0
         {
             return Err(ArgError::new(
@@ -99,9 +140,9 @@ impl Snapshot {
         let store = Store::new(
             entry.clone(),
             origin.id,
-            oinfo.size,
+            origin_sectors,
             cow.id,
-            cinfo.size,
+            cow_sectors,
             kind,
             chunk,
         )

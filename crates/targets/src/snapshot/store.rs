@@ -27,7 +27,7 @@ const CHUNK_MASK: u64 = DONE - 1;
 /// Load states.
 const UNLOADED: u8 = 0;
 const LOADING: u8 = 1;
-const READY: u8 = 2;
+pub(super) const READY: u8 = 2;
 
 /// Tag layout of the store's child I/O and copies: kind (8 bits), store id (16), value (40).
 pub(crate) const K_COPY: u64 = 1;
@@ -83,22 +83,25 @@ impl Persistence {
 
 /// The commit state, touched only by the token holder.
 #[derive(Debug)]
-struct CommitState {
+pub(super) struct CommitState {
     /// The current metadata area as it is on disk plus the entries being committed.
-    area: Vec<u8>,
-    area_index: u64,
-    used: u64,
+    pub(super) area: Vec<u8>,
+    pub(super) area_index: u64,
+    pub(super) used: u64,
     /// Exceptions being committed: (origin chunk, COW chunk).
-    batch: Vec<(u64, u64)>,
+    pub(super) batch: Vec<(u64, u64)>,
     /// Bounce buffer held through a load or commit step.
-    buf: Option<u32>,
+    pub(super) buf: Option<u32>,
     /// A second bounce buffer (the zeroed next area).
-    buf2: Option<u32>,
+    pub(super) buf2: Option<u32>,
     /// Child writes of the current step still out.
-    out: u32,
-    failed: bool,
+    pub(super) out: u32,
+    pub(super) failed: bool,
     /// The header says invalid on disk already.
-    invalid_written: bool,
+    pub(super) invalid_written: bool,
+    /// Merge only: the exceptions in table order (filled by the load), and the one merging.
+    pub(super) order: Vec<(u64, u64)>,
+    pub(super) merge_step: Option<(u64, u64, u64)>,
 }
 
 /// One snapshot's exceptions and COW device. See the module docs.
@@ -111,20 +114,26 @@ pub struct Store {
     pub(crate) cow_sectors: u64,
     pub(crate) kind: Persistence,
     pub(crate) geo: Geometry,
-    origin_chunks: u64,
-    map: Box<[AtomicU64]>,
-    next_free: AtomicU64,
-    state: AtomicU8,
-    valid: AtomicBool,
-    overflowed: AtomicBool,
-    token: AtomicBool,
-    ready: Box<[AtomicU64]>,
-    ready_hint: AtomicU64,
+    pub(super) origin_chunks: u64,
+    origin_size: u64,
+    pub(super) map: Box<[AtomicU64]>,
+    pub(super) next_free: AtomicU64,
+    pub(super) state: AtomicU8,
+    pub(super) valid: AtomicBool,
+    pub(super) overflowed: AtomicBool,
+    pub(super) token: AtomicBool,
+    pub(super) ready: Box<[AtomicU64]>,
+    pub(super) ready_hint: AtomicU64,
     /// Snapshot reads in flight on the origin, per chunk bucket.
-    origin_reads: Box<[std::sync::atomic::AtomicU32]>,
+    pub(super) origin_reads: Box<[std::sync::atomic::AtomicU32]>,
     /// Areas fully used (status: metadata sectors).
-    area_index: AtomicU64,
-    cs: Mutex<CommitState>,
+    pub(super) area_index: AtomicU64,
+    pub(super) cs: Mutex<CommitState>,
+    /// A `snapshot-merge` store: the load keeps the table order; see `merge.rs`.
+    pub(super) merge: bool,
+    pub(super) merge_state: AtomicU8,
+    /// Exceptions left to merge.
+    pub(super) remaining: AtomicU64,
 }
 
 /// What a data-path lookup found for one chunk.
@@ -172,6 +181,7 @@ impl Store {
             kind,
             geo,
             origin_chunks,
+            origin_size: origin_sectors,
             map: (0..n).map(|_| AtomicU64::new(0)).collect(),
             next_free: AtomicU64::new(first),
             state: AtomicU8::new(if kind.persistent() { UNLOADED } else { READY }),
@@ -194,8 +204,24 @@ impl Store {
                 out: 0,
                 failed: false,
                 invalid_written: false,
+                order: Vec::new(),
+                merge_step: None,
             }),
+            merge: false,
+            merge_state: AtomicU8::new(0),
+            remaining: AtomicU64::new(0),
         })
+    }
+
+    /// The origin's size in sectors.
+    pub(crate) fn origin_sectors(&self) -> u64 {
+        self.origin_size
+    }
+
+    /// Makes this a store for `snapshot-merge` (before it is shared). Control plane.
+    pub(crate) fn for_merge(mut self) -> Store {
+        self.merge = true;
+        self
     }
 
     pub(crate) fn chunk_sectors(&self) -> u32 {
@@ -218,6 +244,9 @@ impl Store {
     pub(crate) fn status(&self) -> String {
         if !self.is_valid() {
             return "Invalid".into();
+        }
+        if self.merge {
+            return self.merge_status();
         }
         if self.is_overflowed() {
             return "Overflow".into();
@@ -327,7 +356,7 @@ impl Store {
         self.read_chunk(cx, K_LOAD_HDR, 0, b.data(), 0);
     }
 
-    fn cs_mut(&self) -> std::sync::MutexGuard<'_, CommitState> {
+    pub(super) fn cs_mut(&self) -> std::sync::MutexGuard<'_, CommitState> {
         // Only the token holder locks it, so this never waits.
         self.cs
             .lock()
@@ -338,7 +367,7 @@ impl Store {
         self.chunk_io(cx, Op::Read, kind, chunk, data, v);
     }
 
-    fn chunk_io(
+    pub(super) fn chunk_io(
         &self,
         cx: &mut TargetCx<'_>,
         op: Op,
@@ -359,7 +388,7 @@ impl Store {
         });
     }
 
-    fn flush(&self, cx: &mut TargetCx<'_>, kind: u64) {
+    pub(super) fn flush(&self, cx: &mut TargetCx<'_>, kind: u64) {
         cx.submit_child(ChildIo {
             op: Op::Flush,
             flags: BioFlags::NONE,
@@ -441,8 +470,7 @@ impl Store {
         self.map[c as usize].store(PENDING | new, Ordering::Release);
         let cs = self.geo.chunk_sectors as u64;
         // The last chunk of an origin whose size is not a multiple of the chunk is partial.
-        let origin_end = self.origin_chunks * cs;
-        let len = cs.min(origin_end - c * cs) as u32;
+        let len = cs.min(self.origin_size - c * cs) as u32;
         cx.copy(CopyIo {
             src_dev: self.origin,
             src: c * cs,
@@ -643,10 +671,14 @@ impl Store {
         let d = cx.bounce_data(b);
         let mut max_new = 0u64;
         let mut cs = self.cs_mut();
-        d.read_into(0, &mut cs.area);
-        let end = format::decode_area(&self.geo, k, &cs.area, self.origin_chunks, |e| {
+        let CommitState { area, order, .. } = &mut *cs;
+        d.read_into(0, area);
+        let end = format::decode_area(&self.geo, k, area, self.origin_chunks, |e| {
             self.map[e.old as usize].store(e.new | DONE, Ordering::Release);
             max_new = max_new.max(e.new);
+            if self.merge {
+                order.push((e.old, e.new));
+            }
         });
         drop(cs);
         self.next_free.fetch_max(max_new + 1, Ordering::AcqRel);
