@@ -9,12 +9,13 @@
 use super::registry::OriginEntry;
 use super::store::{untag, Lookup, K_COPY, K_RETRY};
 use stackbd_core::target::expect_args;
+use stackbd_core::target::TargetEnv;
 use stackbd_core::{
     ArgError, Bio, CtorCx, DevId, DevRef, Limits, MapResult, ReactorInit, Sector, Status, Target,
     TargetCx,
 };
 use std::any::Any;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// A `snapshot-origin` table line. Shared by every reactor; see the module docs.
@@ -22,6 +23,8 @@ use std::sync::Arc;
 pub struct Origin {
     dev: DevRef,
     entry: Arc<OriginEntry>,
+    /// Live (between `activate` and `deactivate`): counted in the entry's `origins`.
+    live: AtomicBool,
 }
 
 impl Origin {
@@ -30,15 +33,18 @@ impl Origin {
         expect_args(args, 1, "<origin>")?;
         let (dev, _) = cx.device("origin", args[0], 0, cx.len)?;
         let entry = OriginEntry::get(cx.namespace(), dev.id);
-        entry.origins.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(origin = %dev, "snapshot-origin built");
-        Ok(Box::new(Origin { dev, entry }))
+        Ok(Box::new(Origin {
+            dev,
+            entry,
+            live: AtomicBool::new(false),
+        }))
     }
 }
 
 impl Drop for Origin {
     fn drop(&mut self) {
-        self.entry.origins.fetch_sub(1, Ordering::AcqRel);
+        self.deactivate();
     }
 }
 
@@ -175,6 +181,19 @@ impl Target for Origin {
 
     fn args(&self) -> String {
         self.dev.to_string()
+    }
+
+    fn activate(&self, _env: &TargetEnv) {
+        if !self.live.swap(true, Ordering::AcqRel) {
+            self.entry.origins.fetch_add(1, Ordering::AcqRel);
+            self.entry.suspended.store(0, Ordering::Release);
+        }
+    }
+
+    fn deactivate(&self) {
+        if self.live.swap(false, Ordering::AcqRel) {
+            self.entry.origins.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     fn presuspend(&self, _noflush: bool) {

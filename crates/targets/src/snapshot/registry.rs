@@ -22,7 +22,7 @@ pub struct OriginEntry {
     pub(crate) bells: ArcSwap<Vec<Doorbell>>,
     /// Smallest chunk size among the snapshots (sectors), 0 with none: where origin bios split.
     pub(crate) min_chunk: AtomicU64,
-    /// Live `snapshot-origin` target instances over this device.
+    /// Live `snapshot-origin` target instances over this device (tables in use, not loaded).
     pub(crate) origins: AtomicU32,
     /// Of those, how many are suspended (presuspend .. resume).
     pub(crate) suspended: AtomicU32,
