@@ -14,8 +14,10 @@ use std::time::Duration;
 
 mod leaf;
 mod luks;
+mod snapshot;
 
 pub use luks::LuksCmd;
+pub use snapshot::SnapshotCmd;
 
 /// How to reach the daemon and how to print; on every verb.
 #[derive(Args, Debug, Clone, Default)]
@@ -200,6 +202,11 @@ pub enum Verb {
         #[command(subcommand)]
         cmd: LuksCmd,
     },
+    /// Snapshots as LVM makes them: create (re-tables the origin), merge, rm.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
     /// Reactor counters (I/O, splits, pools, frame overflows), exports and volumes.
     Stats {
         /// Only this volume or export.
@@ -332,6 +339,7 @@ impl Verb {
                 ExportCmd::Ls { .. } => "export ls",
             },
             Verb::Luks { cmd } => cmd.name(),
+            Verb::Snapshot { cmd } => cmd.name(),
             Verb::Stats { .. } => "stats",
             Verb::Shutdown { .. } => "shutdown",
         }
@@ -369,6 +377,7 @@ impl Verb {
                 | ExportCmd::Ls { conn } => conn,
             },
             Verb::Luks { cmd } => cmd.conn().unwrap_or(&NO_CONN),
+            Verb::Snapshot { cmd } => cmd.conn(),
         }
     }
 }
@@ -393,6 +402,9 @@ static NO_CONN: Conn = Conn {
 
 pub fn run(v: Verb) -> ExitCode {
     let verb = v.name();
+    if let Verb::Snapshot { cmd } = &v {
+        return snapshot::run(cmd);
+    }
     if let Verb::Luks { cmd } = &v {
         if cmd.conn().is_none() {
             return match luks::run_local(cmd) {
@@ -568,6 +580,9 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
             json!({"name": name, "inactive": inactive, "showkeys": showkeys}),
         ),
         Verb::Luks { cmd } => luks::request(cmd)?,
+        Verb::Snapshot { .. } => {
+            unreachable!("snapshot verbs run several requests (cli::snapshot)")
+        }
         Verb::Status { name, .. } => ("status", json!({ "name": name })),
         Verb::Queue {
             name,
@@ -752,6 +767,7 @@ fn render(v: &Verb, r: &Value) -> String {
         Verb::Info { .. } => info_text(r.get("info").unwrap_or(&Value::Null)),
         Verb::Table { .. } => lines(s(r, "table")),
         Verb::Luks { cmd } => luks::render(cmd, r),
+        Verb::Snapshot { .. } => String::new(),
         Verb::Status { .. } => lines(s(r, "status")),
         Verb::Queue { .. } => format!(
             "Scheduler: {}\nnr_requests: {}\nRequest-based: {}\n",
