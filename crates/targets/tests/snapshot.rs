@@ -272,3 +272,21 @@ fn model_transient() {
         model(seed, "N", 16);
     }
 }
+
+#[test]
+fn an_origin_whose_size_is_not_a_multiple_of_the_chunk() {
+    // 2044 sectors: the last 16-sector chunk holds 12.
+    let mut r = Rig::new(2044, 1024, 1);
+    let before = r.read(r.base, 0, 2044);
+    let s = r.snapshot("s0", "cow0", "P", 16);
+    let o = r.o;
+    assert_eq!(r.e.write_at(o, 2040, &[4u8; 4 * SS]), Status::Ok);
+    assert_eq!(r.read(s, 0, 2044), before);
+    assert_eq!(r.e.write_at(s, 2043, &[6u8; SS]), Status::Ok);
+    let mut want = before.clone();
+    want[2043 * SS..].fill(6);
+    assert_eq!(r.read(s, 0, 2044), want);
+    let mut r2 = r.reboot();
+    let s = r2.snapshot("s0", "cow0", "P", 16);
+    assert_eq!(r2.read(s, 0, 2044), want);
+}

@@ -223,6 +223,8 @@ pub struct Merge {
     cow: DevRef,
     store: Arc<Store>,
     events: ArcSwapOption<Events>,
+    /// Owner id of this instance's doorbells in the origin's entry.
+    owner: u64,
 }
 
 impl Merge {
@@ -269,6 +271,7 @@ impl Merge {
             cow: p.cow,
             store: Arc::new(store),
             events: ArcSwapOption::empty(),
+            owner: OriginEntry::new_owner(),
         }))
     }
 
@@ -288,6 +291,7 @@ impl Merge {
 impl Drop for Merge {
     fn drop(&mut self) {
         self.store.entry.merging.fetch_sub(1, Ordering::AcqRel);
+        self.store.entry.remove_bells(self.owner);
     }
 }
 
@@ -350,7 +354,7 @@ impl Target for Merge {
     }
 
     fn reactor_state(&self, init: &ReactorInit) -> Option<Box<dyn Any + Send>> {
-        self.store.entry.add_bell(init.doorbell.clone());
+        self.store.entry.add_bell(self.owner, init.doorbell.clone());
         None
     }
 

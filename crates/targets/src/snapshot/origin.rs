@@ -25,6 +25,8 @@ pub struct Origin {
     entry: Arc<OriginEntry>,
     /// Live (between `activate` and `deactivate`): counted in the entry's `origins`.
     live: AtomicBool,
+    /// Owner id of this instance's doorbells in the origin's entry.
+    owner: u64,
 }
 
 impl Origin {
@@ -38,6 +40,7 @@ impl Origin {
             dev,
             entry,
             live: AtomicBool::new(false),
+            owner: OriginEntry::new_owner(),
         }))
     }
 }
@@ -45,6 +48,7 @@ impl Origin {
 impl Drop for Origin {
     fn drop(&mut self) {
         self.deactivate();
+        self.entry.remove_bells(self.owner);
     }
 }
 
@@ -147,7 +151,7 @@ impl Target for Origin {
     }
 
     fn reactor_state(&self, init: &ReactorInit) -> Option<Box<dyn Any + Send>> {
-        self.entry.add_bell(init.doorbell.clone());
+        self.entry.add_bell(self.owner, init.doorbell.clone());
         None
     }
 

@@ -19,7 +19,7 @@ pub struct OriginEntry {
     pub(crate) snaps: ArcSwap<Vec<Arc<Store>>>,
     /// Doorbells (one per target per reactor) rung when a store finishes loading or committing,
     /// so parked bios look again.
-    pub(crate) bells: ArcSwap<Vec<Doorbell>>,
+    pub(crate) bells: ArcSwap<Vec<(u64, Doorbell)>>,
     /// Smallest chunk size among the snapshots (sectors), 0 with none: where origin bios split.
     pub(crate) min_chunk: AtomicU64,
     /// Live `snapshot-origin` target instances over this device (tables in use, not loaded).
@@ -94,18 +94,34 @@ impl OriginEntry {
         self.min_chunk.store(m, Ordering::Release);
     }
 
-    /// Registers a doorbell. Control plane (a target's `reactor_state`).
-    pub(crate) fn add_bell(&self, b: Doorbell) {
+    /// Registers a doorbell of target instance `owner`. Control plane (`reactor_state`).
+    pub(crate) fn add_bell(&self, owner: u64, b: Doorbell) {
         self.bells.rcu(|v| {
             let mut v = (**v).clone();
-            v.push(b.clone());
+            v.push((owner, b.clone()));
             v
         });
     }
 
+    /// Drops the doorbells of target instance `owner` (it is being dropped). Control plane.
+    pub(crate) fn remove_bells(&self, owner: u64) {
+        self.bells.rcu(|v| {
+            v.iter()
+                .filter(|(o, _)| *o != owner)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// A number for a new target instance (owner of doorbells). Control plane.
+    pub(crate) fn new_owner() -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Rings every doorbell. Any thread; never blocks or allocates.
     pub(crate) fn ring(&self) {
-        for b in self.bells.load().iter() {
+        for (_, b) in self.bells.load().iter() {
             b.ring();
         }
     }

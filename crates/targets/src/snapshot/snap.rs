@@ -11,6 +11,7 @@ use super::format;
 use super::registry::OriginEntry;
 use super::store::{untag, Lookup, Persistence, Store, K_COPY};
 use stackbd_core::target::parse_num;
+use stackbd_core::target::TargetEnv;
 use stackbd_core::{
     ArgError, Bio, CtorCx, DevId, DevRef, Endio, Limits, MapResult, Op, ReactorInit, Sector,
     Status, Target, TargetCx,
@@ -29,6 +30,8 @@ pub struct Snapshot {
     store: Arc<Store>,
     discard_zeroes_cow: bool,
     discard_passdown_origin: bool,
+    /// Owner id of this instance's doorbells in the origin's entry.
+    owner: u64,
 }
 
 /// A `snapshot` or `snapshot-merge` line, parsed and its devices resolved. Control plane.
@@ -156,6 +159,7 @@ impl Snapshot {
             store,
             discard_zeroes_cow: zeroes,
             discard_passdown_origin: passdown,
+            owner: OriginEntry::new_owner(),
         }))
     }
 
@@ -169,6 +173,7 @@ impl Snapshot {
 impl Drop for Snapshot {
     fn drop(&mut self) {
         self.store.entry.remove(self.store.id);
+        self.store.entry.remove_bells(self.owner);
         tracing::info!(origin = %self.origin, cow = %self.cow, "snapshot detached");
     }
 }
@@ -254,7 +259,7 @@ impl Target for Snapshot {
     }
 
     fn reactor_state(&self, init: &ReactorInit) -> Option<Box<dyn Any + Send>> {
-        self.store.entry.add_bell(init.doorbell.clone());
+        self.store.entry.add_bell(self.owner, init.doorbell.clone());
         None
     }
 
@@ -276,6 +281,12 @@ impl Target for Snapshot {
 
     fn wake(&self, cx: &mut TargetCx<'_>) {
         cx.unpark_where(|_| true);
+        // Rung at `activate` too: the store loads as soon as the table is live.
+        self.store.ensure_loaded(cx);
+    }
+
+    fn activate(&self, _env: &TargetEnv) {
+        self.store.entry.ring();
     }
 
     fn limits(&self, child: &dyn Fn(DevId) -> Limits) -> Limits {

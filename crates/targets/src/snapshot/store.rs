@@ -124,6 +124,8 @@ pub struct Store {
     pub(super) token: AtomicBool,
     pub(super) ready: Box<[AtomicU64]>,
     pub(super) ready_hint: AtomicU64,
+    /// Entries in `ready` (pushed, not yet drained).
+    pub(super) ready_count: AtomicU64,
     /// Snapshot reads in flight on the origin, per chunk bucket.
     pub(super) origin_reads: Box<[std::sync::atomic::AtomicU32]>,
     /// Areas fully used (status: metadata sectors).
@@ -190,6 +192,7 @@ impl Store {
             token: AtomicBool::new(false),
             ready: (0..READY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             ready_hint: AtomicU64::new(0),
+            ready_count: AtomicU64::new(0),
             origin_reads: (0..READ_BUCKETS)
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
@@ -523,6 +526,7 @@ impl Store {
             if s.compare_exchange(0, c + 1, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                self.ready_count.fetch_add(1, Ordering::AcqRel);
                 return true;
             }
         }
@@ -532,7 +536,7 @@ impl Store {
     /// Starts a commit if there is work and nobody is committing. Reactor thread.
     pub(crate) fn try_commit(&self, cx: &mut TargetCx<'_>) {
         loop {
-            if !self.ready.iter().any(|s| s.load(Ordering::Acquire) != 0) || !self.is_ready() {
+            if self.ready_count.load(Ordering::Acquire) == 0 || !self.is_ready() {
                 return;
             }
             if self.token.swap(true, Ordering::AcqRel) {
@@ -552,12 +556,17 @@ impl Store {
         let mut cs = self.cs_mut();
         let room = self.geo.entries_per_area().saturating_sub(cs.used) as usize;
         cs.batch.clear();
-        for s in self.ready.iter() {
-            if cs.batch.len() >= room {
+        // Pushes take slots at a rotating hint, so the waiting ones sit mostly just behind it.
+        let want = (self.ready_count.load(Ordering::Acquire) as usize).min(room);
+        let hint = self.ready_hint.load(Ordering::Acquire) as usize;
+        let start = hint.wrapping_sub(want) % READY_SLOTS;
+        for i in 0..READY_SLOTS {
+            if cs.batch.len() >= want {
                 break;
             }
-            let v = s.swap(0, Ordering::AcqRel);
+            let v = self.ready[(start + i) % READY_SLOTS].swap(0, Ordering::AcqRel);
             if v != 0 {
+                self.ready_count.fetch_sub(1, Ordering::AcqRel);
                 let c = v - 1;
                 let new = self.map[c as usize].load(Ordering::Acquire) & CHUNK_MASK;
                 cs.batch.push((c, new));
