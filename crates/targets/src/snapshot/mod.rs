@@ -2,11 +2,12 @@
 //! `snapshot-merge`.
 //!
 //! - [`format`]: the persistent COW layout as bytes (pure).
-//! - [`store`]: one snapshot's exception table, allocation, load and commit.
+//! - [`store`]: one snapshot's exception table, allocation and commit; `load.rs` its load.
 //! - [`registry`]: how a snapshot and its origin find each other (per engine, per device).
 //! - [`origin`], [`snap`], [`merge`]: the targets.
 
 pub mod format;
+mod load;
 pub mod merge;
 pub mod origin;
 pub mod registry;
