@@ -14,6 +14,8 @@ fn origin_write_copies_the_chunk_out_first() {
     let mut r = Rig::new(SECTORS, 1024, 1);
     let before = r.read(r.base, 0, SECTORS);
     let s = r.snapshot("s0", "cow0", "P", 16);
+    // The COW is read (here: formatted) when the table goes live, on the reactor.
+    r.e.poll();
     assert_eq!(
         r.e.status("s0").unwrap(),
         format!("0 {SECTORS} snapshot 32/1024 32\n")

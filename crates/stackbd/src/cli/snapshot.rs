@@ -428,7 +428,9 @@ mod tests {
                     return Ok(json!({"table": e.table(name, false).map_err(|e| e.to_string())?}))
                 }
                 "status" => {
-                    return Ok(json!({"status": e.status(name).map_err(|e| e.to_string())?}))
+                    // A daemon's reactors run on their own; here a status look drives them.
+                    e.poll();
+                    return Ok(json!({"status": e.status(name).map_err(|e| e.to_string())?}));
                 }
                 "ls" => {
                     let d: Vec<Value> = e

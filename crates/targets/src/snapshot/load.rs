@@ -111,6 +111,10 @@ impl Store {
                 order.push((e.old, e.new));
             }
         });
+        if self.merge {
+            // Status shows what is left to merge from the moment the table is known.
+            self.remaining.store(order.len() as u64, Ordering::Release);
+        }
         drop(cs);
         self.next_free.fetch_max(max_new + 1, Ordering::AcqRel);
         match end {

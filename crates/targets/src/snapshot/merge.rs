@@ -46,7 +46,8 @@ impl Store {
         }
         let cs = self.geo.chunk_sectors as u64;
         if self.state.load(Ordering::Acquire) != READY {
-            return format!("0/{} 0", self.cow_sectors);
+            // Not read yet: say so rather than print figures that look like a finished merge.
+            return "Loading".into();
         }
         let left = self.remaining.load(Ordering::Acquire);
         let area = left.saturating_sub(1) / self.geo.entries_per_area();

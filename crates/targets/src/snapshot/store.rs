@@ -251,6 +251,11 @@ impl Store {
         if self.merge {
             return self.merge_status();
         }
+        if !self.is_ready() {
+            // The COW device is read when the table goes live (dm reads it in the constructor):
+            // until then there are no figures to give.
+            return "Loading".into();
+        }
         if self.is_overflowed() {
             return "Overflow".into();
         }
