@@ -20,6 +20,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+/// The `stackbd snapshot` verbs; see the module docs.
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
     /// Snapshot volume ORIGIN as NAME, its changed chunks kept on the COW device.
@@ -53,6 +54,7 @@ pub enum SnapshotCmd {
 }
 
 impl SnapshotCmd {
+    /// The verb as typed, for messages.
     pub fn name(&self) -> &'static str {
         match self {
             SnapshotCmd::Create { .. } => "snapshot create",
@@ -61,6 +63,7 @@ impl SnapshotCmd {
         }
     }
 
+    /// How to reach the daemon and how to print.
     pub fn conn(&self) -> &Conn {
         match self {
             SnapshotCmd::Create { conn, .. }

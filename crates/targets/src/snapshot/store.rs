@@ -41,6 +41,7 @@ pub(super) const K_AREA: u64 = 8;
 pub(super) const K_FLUSH2: u64 = 9;
 pub(super) const K_INVALIDATE: u64 = 10;
 
+/// Packs a tag (see the layout above).
 pub(crate) fn tag(kind: u64, id: u16, value: u64) -> u64 {
     (kind << 56) | ((id as u64) << 40) | (value & ((1 << 40) - 1))
 }
@@ -68,6 +69,7 @@ pub enum Persistence {
 }
 
 impl Persistence {
+    /// As the table writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             Persistence::Persistent => "P",
@@ -76,6 +78,7 @@ impl Persistence {
         }
     }
 
+    /// `P` or `PO`: exceptions are written to the COW device.
     pub(crate) fn persistent(self) -> bool {
         self != Persistence::Transient
     }
@@ -227,18 +230,22 @@ impl Store {
         self
     }
 
+    /// The chunk size in sectors. Any thread.
     pub(crate) fn chunk_sectors(&self) -> u32 {
         self.geo.chunk_sectors
     }
 
+    /// False once invalidated (or found invalid on load). Any thread, lock-free.
     pub(crate) fn is_valid(&self) -> bool {
         self.valid.load(Ordering::Acquire)
     }
 
+    /// True once a `PO` snapshot's own write found the COW full. Any thread, lock-free.
     pub(crate) fn is_overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
     }
 
+    /// True once the exceptions are loaded. Any thread, lock-free.
     pub(crate) fn is_ready(&self) -> bool {
         self.state.load(Ordering::Acquire) == READY
     }
