@@ -15,10 +15,12 @@ mod all;
 mod leaf;
 mod luks;
 mod render;
+mod snapshot;
 
 use render::render;
 
 pub use luks::LuksCmd;
+pub use snapshot::SnapshotCmd;
 
 /// How to reach the daemon and how to print; on every verb.
 #[derive(Args, Debug, Clone, Default)]
@@ -226,6 +228,11 @@ pub enum Verb {
         #[command(subcommand)]
         cmd: LuksCmd,
     },
+    /// Snapshots as LVM makes them: create (re-tables the origin), merge, rm.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
     /// Reactor counters (I/O, splits, pools, frame overflows), exports and volumes.
     Stats {
         /// Only this volume or export.
@@ -361,6 +368,7 @@ impl Verb {
                 ExportCmd::Ls { .. } => "export ls",
             },
             Verb::Luks { cmd } => cmd.name(),
+            Verb::Snapshot { cmd } => cmd.name(),
             Verb::Stats { .. } => "stats",
             Verb::Shutdown { .. } => "shutdown",
         }
@@ -401,6 +409,7 @@ impl Verb {
             },
             Verb::Luks { cmd } => cmd.conn().unwrap_or(&NO_CONN),
             Verb::Targets => &NO_CONN,
+            Verb::Snapshot { cmd } => cmd.conn(),
         }
     }
 }
@@ -428,6 +437,9 @@ pub fn run(v: Verb) -> ExitCode {
     if let Verb::Targets = &v {
         out(&all::targets());
         return ExitCode::SUCCESS;
+    }
+    if let Verb::Snapshot { cmd } = &v {
+        return snapshot::run(cmd);
     }
     if let Verb::Luks { cmd } = &v {
         if cmd.conn().is_none() {
@@ -640,6 +652,9 @@ fn request(v: &Verb) -> Result<(&'static str, Value), String> {
             json!({"name": name, "inactive": inactive, "showkeys": showkeys}),
         ),
         Verb::Luks { cmd } => luks::request(cmd)?,
+        Verb::Snapshot { .. } => {
+            unreachable!("snapshot verbs run several requests (cli::snapshot)")
+        }
         Verb::Status { name, .. } => ("status", json!({ "name": name })),
         Verb::Queue {
             name,

@@ -7,6 +7,7 @@ pub mod error;
 pub mod flakey;
 pub mod linear;
 pub mod multipath;
+pub mod snapshot;
 pub mod striped;
 pub mod zero;
 
@@ -23,6 +24,9 @@ pub fn register_all(r: &mut TargetRegistry) {
     r.register("flakey", flakey::Flakey::ctor);
     r.register("dust", dust::Dust::ctor);
     r.register("crypt", crypt::Crypt::ctor);
+    r.register("snapshot-origin", snapshot::Origin::ctor);
+    r.register("snapshot", snapshot::Snapshot::ctor);
+    r.register("snapshot-merge", snapshot::Merge::ctor);
 }
 
 /// A registry with every built-in target.

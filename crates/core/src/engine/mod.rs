@@ -168,6 +168,7 @@ impl DevEntry {
 struct Lookup<'a> {
     devs: &'a [DevEntry],
     names: &'a BTreeMap<String, DevId>,
+    namespace: u64,
 }
 
 impl Lookup<'_> {
@@ -219,6 +220,10 @@ impl DeviceLookup for Lookup<'_> {
 
     fn lookup_id(&self, id: DevId) -> Option<DevInfo> {
         self.info(id)
+    }
+
+    fn namespace(&self) -> u64 {
+        self.namespace
     }
 
     fn reaches(&self, from: DevId, to: DevId) -> bool {
@@ -276,7 +281,12 @@ pub struct Engine {
     /// Scratch for interrupt waits (kept so a sleep allocates nothing).
     wait_fds: Vec<std::os::fd::RawFd>,
     pfds: Vec<rustix::event::PollFd<'static>>,
+    /// Unique to this engine in the process: the namespace its `DevId`s belong to.
+    namespace: u64,
 }
+
+/// Source of engine namespaces (never 0, which lookups outside any engine report).
+static NEXT_NAMESPACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Tags of the synchronous helpers live in the upper half so they never collide with a
 /// caller's own tags.
@@ -307,6 +317,7 @@ impl Engine {
             next_suspend_token: 0,
             wait_fds: Vec::with_capacity(16),
             pfds: Vec::with_capacity(16),
+            namespace: NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -353,6 +364,7 @@ impl Engine {
         Lookup {
             devs: &self.devs,
             names: &self.names,
+            namespace: self.namespace,
         }
     }
 

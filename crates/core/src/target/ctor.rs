@@ -43,6 +43,12 @@ pub trait DeviceLookup {
     /// True if `from` is `to` or depends on it through tables: mapping onto `from` from
     /// volume `to` would make a cycle.
     fn reaches(&self, from: DevId, to: DevId) -> bool;
+    /// A number unique in the process to the set of devices `DevId`s index (one engine), for
+    /// targets that share state between tables keyed by device (a snapshot finds its origin).
+    /// 0 when there is no such set.
+    fn namespace(&self) -> u64 {
+        0
+    }
 }
 
 /// What a target constructor gets.
@@ -67,6 +73,16 @@ impl<'a> CtorCx<'a> {
             this,
             lookup,
         }
+    }
+
+    /// The namespace of the devices this table is built over: see [`DeviceLookup::namespace`].
+    pub fn namespace(&self) -> u64 {
+        self.lookup.namespace()
+    }
+
+    /// The volume being loaded, if any (id and name).
+    pub fn this(&self) -> Option<(DevId, &str)> {
+        self.this
     }
 
     /// Resolves device `name` (argument `field`) and checks that `[offset, offset + len)` lies on it.
