@@ -24,6 +24,7 @@ pub fn register_all(r: &mut TargetRegistry) {
     r.register("flakey", flakey::Flakey::ctor);
     r.register("dust", dust::Dust::ctor);
     r.register("crypt", crypt::Crypt::ctor);
+    r.register("raid", raid::Raid::ctor);
 }
 
 /// A registry with every built-in target.
