@@ -1,0 +1,131 @@
+//! The raid target (raid1) through the engine: mirrored writes, leg failure and recovery with
+//! an incremental (bitmap) resync, check, the on-disk superblock and bitmap (read by a
+//! test-side reader and by `mdadm -X`), refused tables and messages.
+
+#[path = "raid_util.rs"]
+mod util;
+
+use stackbd_core::Status;
+use std::time::Duration;
+use util::*;
+
+const SECTORS: u64 = 8192; // 4 MiB
+const REGION: &str = "128"; // 64 KiB regions: 64 of them
+
+#[test]
+fn mirrors_writes_and_reads_back() {
+    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION]);
+    for k in 0..40u64 {
+        let data = pattern(k, 8 * SECTOR);
+        assert_eq!(r.write((k * 97) % (SECTORS - 8), &data), Status::Ok);
+    }
+    for k in 0..40u64 {
+        let (s, b) = r.read((k * 97) % (SECTORS - 8), 8);
+        assert_eq!(s, Status::Ok);
+        // Later writes may overlap earlier ones; the last one wins.
+        if k == 39 {
+            assert_eq!(b, pattern(k, 8 * SECTOR));
+        }
+    }
+    r.assert_legs_identical();
+    assert_eq!(r.status(), format!("0 {SECTORS} raid raid1 2 AA {SECTORS}/{SECTORS} idle 0 0 -"));
+    assert_eq!(r.e.table("r", false).unwrap(), format!("0 {SECTORS} raid raid1 4 0 nosync region_size 128 2 meta0 d0 meta1 d1\n"));
+}
+
+#[test]
+fn fresh_set_resyncs_in_full_then_check_is_clean() {
+    let mut r = Rig::new(2, SECTORS, &["region_size", REGION]);
+    // Leg 0 has data the new mirror must get.
+    let d0 = r.data_leaf[0];
+    assert_eq!(r.e.write_at(d0, 0, &pattern(7, SECTORS as usize * SECTOR)), Status::Ok);
+    let _ = r.read(0, 1); // first I/O loads the set
+    r.settle();
+    assert_eq!(r.stat("copied_regions"), 64);
+    r.assert_legs_identical();
+    r.message("check").unwrap();
+    r.until("check done", Duration::from_secs(20), |s| s.contains(" idle "));
+    assert!(r.status().ends_with("idle 0 0 -"), "{}", r.status());
+}
+
+#[test]
+fn failed_leg_is_d_writes_go_on_and_recovery_copies_only_dirty_regions() {
+    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION, "daemon_sleep", "20"]);
+    assert_eq!(r.write(0, &pattern(1, 4096)), Status::Ok);
+    // Let the daemon clear region 0's bit (every leg in sync, region idle for two ticks).
+    r.until("bits cleared", Duration::from_secs(5), |_| true);
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..50 {
+        r.e.poll();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let events = r.e.events("r").unwrap().nr();
+    r.break_leg(1);
+    // Writes to 5 distinct regions while leg 1 is away: no client error.
+    let regions = [3u64, 9, 10, 33, 63];
+    for (k, reg) in regions.iter().enumerate() {
+        assert_eq!(r.write(reg * 128 + 8, &pattern(100 + k as u64, 8192)), Status::Ok);
+    }
+    assert_eq!(r.health(), "AD");
+    assert!(r.e.events("r").unwrap().nr() > events, "an event fires when a leg fails");
+    // Reads keep working from leg 0.
+    let (s, b) = r.read(3 * 128 + 8, 16);
+    assert_eq!((s, b), (Status::Ok, pattern(100, 8192)));
+    // The failure is on disk: leg 0's superblock names device 1 failed (kernel layout).
+    let sb = kernel_sb(&r.meta(0));
+    assert_eq!(&sb.magic, b"DmRd");
+    assert_eq!(sb.failed_devices, 0b10, "{sb:?}");
+    assert_eq!((sb.num_devices, sb.array_position, sb.level), (2, 0, 1));
+    // Bring it back.
+    r.mend_leg(1);
+    let before = r.stat("copied_regions");
+    r.message("recover").unwrap();
+    r.settle();
+    assert_eq!(r.stat("copied_regions") - before, regions.len() as u64, "{}", r.message("stats").unwrap());
+    r.assert_legs_identical();
+    let sb = kernel_sb(&r.meta(1));
+    assert_eq!(sb.failed_devices, 0, "{sb:?}");
+    assert_eq!(sb.disk_recovery_offset, u64::MAX);
+    r.message("check").unwrap();
+    r.until("check done", Duration::from_secs(20), |s| s.contains(" idle "));
+    assert!(r.status().ends_with("idle 0 0 -"), "{}", r.status());
+}
+
+#[test]
+fn mdadm_reads_the_bitmap_stackbd_wrote() {
+    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION]);
+    for reg in [0u64, 5, 6, 40] {
+        assert_eq!(r.write(reg * 128, &pattern(reg, 4096)), Status::Ok);
+    }
+    let meta = r.meta(1);
+    let dir = std::env::temp_dir().join(format!("stackbd-raid-bm-{}", std::process::id()));
+    std::fs::write(&dir, &meta[4096..]).unwrap();
+    let out = std::process::Command::new("mdadm")
+        .arg("-X")
+        .arg(&dir)
+        .output()
+        .expect("mdadm is required (apt-get install mdadm)");
+    let _ = std::fs::remove_file(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "mdadm -X failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Bitmap : 64 bits (chunks), 4 dirty"), "{text}");
+    assert!(text.contains("Chunksize : 64 KB"), "{text}");
+    let sb = kernel_sb(&meta);
+    assert!(sb.events > 0);
+    assert!(text.contains(&format!("Events : {}", sb.events)), "{text}");
+}
+
+#[test]
+fn bad_tables_and_messages_are_refused() {
+    let mut r = Rig::new(2, SECTORS, &["nosync"]);
+    for bad in [
+        format!("0 {SECTORS} raid raid5_ls 1 64 2 meta0 d0 meta1 d1"),
+        format!("0 {SECTORS} raid raid1 1 0 2 meta0 d0 meta1 nope"),
+        format!("0 {} raid raid1 1 0 2 meta0 d0 meta1 d1", SECTORS * 2),
+        format!("0 {SECTORS} raid raid1 3 0 region_size 7 2 meta0 d0 meta1 d1"),
+    ] {
+        assert!(r.e.load("r", &bad).is_err(), "accepted: {bad}");
+    }
+    assert!(r.message("bogus").is_err());
+    assert!(r.message("check now").is_err());
+    assert_eq!(r.write(0, &[1u8; 512]), Status::Ok);
+}
