@@ -35,7 +35,12 @@ pub(crate) struct LoadCtx {
     pub pending: u32,
     pub bufs: Vec<u32>,
     pub ok: u64,
+    /// Failed reads retried so far (all legs together).
+    pub retries: u32,
 }
+
+/// Retries of failed metadata reads at load, 100 ms apart.
+const LOAD_RETRIES: u32 = 20;
 
 impl Raid {
     /// The superblock leg `i` gets in the next batch.
@@ -222,7 +227,9 @@ impl Raid {
     /// A metadata child ended. Reactor thread (the token holder's).
     pub(crate) fn meta_child_done(&self, cx: &mut TargetCx<'_>, leg: usize, flush: bool, st: Status) {
         let s = &*self.shared;
-        if !st.is_ok() {
+        // A device that refuses a flush (an NBD server without flush support answers EINVAL)
+        // has no volatile cache to empty: that is no fault of the leg.
+        if !st.is_ok() && super::leg_fault(st) {
             s.fail_leg(leg, if flush { "data flush failed" } else { "metadata write failed" });
         }
         if !flush {
@@ -272,24 +279,15 @@ impl Raid {
         s.home.store(cx.reactor(), SeqCst);
         let mut n = 0;
         for (i, l) in s.legs.iter().enumerate() {
-            let (Some(m), Some(_)) = (&l.meta, &l.data) else {
+            let (Some(_), Some(_)) = (&l.meta, &l.data) else {
                 continue;
             };
             let Some(b) = cx.bounce(self.area_bytes) else {
                 tracing::error!(leg = i, "raid1: no bounce buffer to load the metadata");
                 continue;
             };
-            cx.submit_child(ChildIo {
-                op: Op::Read,
-                flags: BioFlags::NONE,
-                dev: m.id,
-                sector: 0,
-                sectors: (self.area_bytes / 512) as u32,
-                copy_src: 0,
-                data: b.data(),
-                tag: key(T_LOAD, i as u64),
-            });
             cx.state::<Rx>().load.bufs[i] = b.id();
+            self.load_read(cx, i);
             n += 1;
         }
         cx.state::<Rx>().load.pending = n;
@@ -298,11 +296,43 @@ impl Raid {
         }
     }
 
-    /// One leg's metadata read ended.
+    /// Reads leg `i`'s metadata area into its load buffer.
+    fn load_read(&self, cx: &mut TargetCx<'_>, i: usize) {
+        let id = cx.state::<Rx>().load.bufs[i];
+        let (Some(m), true) = (&self.shared.legs[i].meta, id != u32::MAX) else {
+            return;
+        };
+        let data = cx.bounce_data(id);
+        cx.submit_child(ChildIo {
+            op: Op::Read,
+            flags: BioFlags::NONE,
+            dev: m.id,
+            sector: 0,
+            sectors: (self.area_bytes / 512) as u32,
+            copy_src: 0,
+            data,
+            tag: key(T_LOAD, i as u64),
+        });
+    }
+
+    /// A load retry is due (a leg's device was not answering yet, e.g. still connecting).
+    pub(crate) fn load_retry(&self, cx: &mut TargetCx<'_>, i: usize) {
+        self.load_read(cx, i);
+    }
+
+    /// One leg's metadata read ended; a failed read is retried for about two seconds (a remote
+    /// leg may still be connecting) before the leg counts as failed.
     pub(crate) fn load_child_done(&self, cx: &mut TargetCx<'_>, i: usize, st: Status) {
         let rx = cx.state::<Rx>();
         if st.is_ok() {
             rx.load.ok |= 1 << i;
+        } else if rx.load.retries < LOAD_RETRIES {
+            rx.load.retries += 1;
+            cx.timer_at(
+                std::time::Instant::now() + std::time::Duration::from_millis(100),
+                super::TIMER_LOAD_RETRY | i as u64,
+            );
+            return;
         }
         rx.load.pending = rx.load.pending.saturating_sub(1);
         if rx.load.pending == 0 {

@@ -55,6 +55,8 @@ pub(crate) const T_COPY: u64 = 20;
 pub(crate) const T_CHECK: u64 = 21;
 pub(crate) const TIMER_DAEMON: u64 = 1;
 pub(crate) const TIMER_DRIVE: u64 = 2;
+/// `TIMER_LOAD_RETRY | leg`: read that leg's metadata again.
+pub(crate) const TIMER_LOAD_RETRY: u64 = 1 << 32;
 
 pub(crate) fn key(kind: u64, v: u64) -> u64 {
     kind << 56 | (v & ((1 << 56) - 1))
@@ -330,7 +332,7 @@ impl Raid {
 }
 
 /// An error that says the leg is bad (not the request).
-fn leg_fault(st: Status) -> bool {
+pub(crate) fn leg_fault(st: Status) -> bool {
     !matches!(
         st,
         Status::Ok | Status::Invalid | Status::OutOfRange | Status::NotSupported | Status::Again
@@ -389,7 +391,8 @@ impl Target for Raid {
         if bio.status.is_ok() || !leg_fault(bio.status) {
             return Endio::Done;
         }
-        if !self.shared.fail_leg(i, "read error") {
+        // Retry on another leg unless this one is the last in sync (then the error stands).
+        if !self.shared.fail_leg(i, "read error") && self.shared.leg_state(i) != leg::FAILED {
             return Endio::Done;
         }
         self.try_meta(cx);
@@ -426,6 +429,7 @@ impl Target for Raid {
                 cx.state::<Rx>().drv.timer_set = false;
                 self.drive(cx);
             }
+            t if t & TIMER_LOAD_RETRY != 0 => self.load_retry(cx, (t & 0xff) as usize),
             _ => {}
         }
     }

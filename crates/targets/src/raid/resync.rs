@@ -448,9 +448,10 @@ impl Raid {
             }
             "stats" => {
                 return Ok(format!(
-                    "copied_regions {} regions_to_copy {} mismatches {} events {} region_sectors {}",
+                    "copied_regions {} regions_to_copy {} dirty_regions {} mismatches {} events {} region_sectors {}",
                     s.copied_regions.load(SeqCst),
                     s.regions_needing(),
+                    s.bits.iter().filter(|b| b.load(SeqCst) != bit::CLEAN).count(),
                     s.mismatches.load(SeqCst),
                     s.events.load(SeqCst),
                     s.region_sectors()
