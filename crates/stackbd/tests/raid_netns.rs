@@ -53,11 +53,23 @@ impl Netns {
             peer_ip: peer_ip.clone(),
         };
         ip(&["netns", "add", &ns]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
         ip(&["link", "set", &peer_if, "netns", &ns]);
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{peer_ip}/30"), "dev", &peer_if]);
+        ip(&[
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{peer_ip}/30"),
+            "dev",
+            &peer_if,
+        ]);
         ip(&["netns", "exec", &ns, "ip", "link", "set", &peer_if, "up"]);
         ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
         n
@@ -68,7 +80,13 @@ impl Netns {
         if up {
             // Link-up drops the address's route until the link is ready; make sure it is there.
             let _ = run(
-                Command::new("ip").args(["addr", "add", &format!("{}/30", self.host_ip), "dev", &self.host_if]),
+                Command::new("ip").args([
+                    "addr",
+                    "add",
+                    &format!("{}/30", self.host_ip),
+                    "dev",
+                    &self.host_if,
+                ]),
                 QUICK,
             );
         }
@@ -79,9 +97,17 @@ impl Netns {
         let size = format!("{}", DATA + META_SECTORS * 512);
         let log = dir.join(format!("{}.log", self.ns));
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns, "nbdkit", "-f", "--exit-with-parent", "-i"])
-            .arg(&self.peer_ip)
-            .args(["-p", &PORT.to_string(), "memory", &size]);
+        c.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "nbdkit",
+            "-f",
+            "--exit-with-parent",
+            "-i",
+        ])
+        .arg(&self.peer_ip)
+        .args(["-p", &PORT.to_string(), "memory", &size]);
         let bg = Bg::start(&mut c, &log);
         let end = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect((self.peer_ip.as_str(), PORT)).is_err() {
@@ -94,14 +120,20 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
 
 fn status(d: &Daemon) -> String {
     let r = d.control(&json!({"v": 1, "cmd": "status", "name": "r"}));
-    r["status"].as_str().unwrap_or_else(|| panic!("status: {r}")).trim().to_string()
+    r["status"]
+        .as_str()
+        .unwrap_or_else(|| panic!("status: {r}"))
+        .trim()
+        .to_string()
 }
 
 fn message(d: &Daemon, m: &str) -> serde_json::Value {
@@ -111,7 +143,10 @@ fn message(d: &Daemon, m: &str) -> serde_json::Value {
 
 fn stat(d: &Daemon, name: &str) -> u64 {
     let r = message(d, "stats");
-    let s = r["reply"].as_str().unwrap_or_else(|| panic!("stats: {r}")).to_string();
+    let s = r["reply"]
+        .as_str()
+        .unwrap_or_else(|| panic!("stats: {r}"))
+        .to_string();
     let w: Vec<&str> = s.split_whitespace().collect();
     let i = w.iter().position(|x| *x == name).unwrap();
     w[i + 1].parse().unwrap()
@@ -203,7 +238,12 @@ fn a_leg_on_another_host_is_lost_and_comes_back_under_fio() {
     let cut_at = Instant::now();
     let end = Instant::now() + Duration::from_secs(20);
     while health(&status(&d)) != "AD" {
-        assert!(Instant::now() < end, "leg 1 never went D: {}\n{}", status(&d), raid_log(&d));
+        assert!(
+            Instant::now() < end,
+            "leg 1 never went D: {}\n{}",
+            status(&d),
+            raid_log(&d)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -225,7 +265,12 @@ fn a_leg_on_another_host_is_lost_and_comes_back_under_fio() {
         if health(&status(&d)) == "AA" {
             break;
         }
-        assert!(Instant::now() < end, "leg 1 never came back: {}\n{}", status(&d), raid_log(&d));
+        assert!(
+            Instant::now() < end,
+            "leg 1 never came back: {}\n{}",
+            status(&d),
+            raid_log(&d)
+        );
     }
     let st = fio.wait(SLOW);
     stop.store(true, SeqCst);
@@ -238,25 +283,41 @@ fn a_leg_on_another_host_is_lost_and_comes_back_under_fio() {
         assert_eq!(job["error"].as_u64(), Some(0), "fio error: {job}");
     }
     let seen: String = seen.lock().unwrap().iter().collect();
-    assert!(seen.contains("DaA"), "leg 1 went through {seen}\n{}", raid_log(&d));
+    assert!(
+        seen.contains("DaA"),
+        "leg 1 went through {seen}\n{}",
+        raid_log(&d)
+    );
     let copied = stat(&d, "copied_regions") - copied0;
     let total = DATA_SECTORS / REGION;
     // At 2 MiB/s sequential, 1 MiB regions: about 2 regions a second while away, never the
     // whole leg.
     let by_rate = (away.as_secs_f64() + 1.0) * 2.0 + 4.0;
     eprintln!("away {away:?}, regions to copy {to_copy}, copied {copied} of {total}, health {seen}, status {}", status(&d));
-    assert!(to_copy > 0 && (to_copy as f64) <= by_rate, "to copy {to_copy} (rate bound {by_rate})");
-    assert!(copied <= to_copy + 1 && copied > 0 && copied < total / 2, "copied {copied}, to copy {to_copy}");
+    assert!(
+        to_copy > 0 && (to_copy as f64) <= by_rate,
+        "to copy {to_copy} (rate bound {by_rate})"
+    );
+    assert!(
+        copied <= to_copy + 1 && copied > 0 && copied < total / 2,
+        "copied {copied}, to copy {to_copy}"
+    );
     // The legs are byte-identical.
     let mut files = Vec::new();
     for i in 0..2 {
         let f = dir.path().join(format!("leg{i}.img"));
         run_ok(
-            Command::new("nbdcopy").arg(format!("nbd://127.0.0.1:{}/d{i}", d.port)).arg(&f),
+            Command::new("nbdcopy")
+                .arg(format!("nbd://127.0.0.1:{}/d{i}", d.port))
+                .arg(&f),
             SLOW,
         );
         files.push(f);
     }
     run_ok(Command::new("cmp").arg(&files[0]).arg(&files[1]), SLOW);
-    assert!(status(&d).ends_with(&format!("AA {DATA_SECTORS}/{DATA_SECTORS} idle 0 0 -")), "{}", status(&d));
+    assert!(
+        status(&d).ends_with(&format!("AA {DATA_SECTORS}/{DATA_SECTORS} idle 0 0 -")),
+        "{}",
+        status(&d)
+    );
 }

@@ -28,8 +28,14 @@ fn mirrors_writes_and_reads_back() {
         }
     }
     r.assert_legs_identical();
-    assert_eq!(r.status(), format!("0 {SECTORS} raid raid1 2 AA {SECTORS}/{SECTORS} idle 0 0 -"));
-    assert_eq!(r.e.table("r", false).unwrap(), format!("0 {SECTORS} raid raid1 4 0 nosync region_size 128 2 meta0 d0 meta1 d1\n"));
+    assert_eq!(
+        r.status(),
+        format!("0 {SECTORS} raid raid1 2 AA {SECTORS}/{SECTORS} idle 0 0 -")
+    );
+    assert_eq!(
+        r.e.table("r", false).unwrap(),
+        format!("0 {SECTORS} raid raid1 4 0 nosync region_size 128 2 meta0 d0 meta1 d1\n")
+    );
 }
 
 #[test]
@@ -37,19 +43,28 @@ fn fresh_set_resyncs_in_full_then_check_is_clean() {
     let mut r = Rig::new(2, SECTORS, &["region_size", REGION]);
     // Leg 0 has data the new mirror must get.
     let d0 = r.data_leaf[0];
-    assert_eq!(r.e.write_at(d0, 0, &pattern(7, SECTORS as usize * SECTOR)), Status::Ok);
+    assert_eq!(
+        r.e.write_at(d0, 0, &pattern(7, SECTORS as usize * SECTOR)),
+        Status::Ok
+    );
     let _ = r.read(0, 1); // first I/O loads the set
     r.settle();
     assert_eq!(r.stat("copied_regions"), 64);
     r.assert_legs_identical();
     r.message("check").unwrap();
-    r.until("check done", Duration::from_secs(20), |s| s.contains(" idle "));
+    r.until("check done", Duration::from_secs(20), |s| {
+        s.contains(" idle ")
+    });
     assert!(r.status().ends_with("idle 0 0 -"), "{}", r.status());
 }
 
 #[test]
 fn failed_leg_is_d_writes_go_on_and_recovery_copies_only_dirty_regions() {
-    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION, "daemon_sleep", "20"]);
+    let mut r = Rig::new(
+        2,
+        SECTORS,
+        &["nosync", "region_size", REGION, "daemon_sleep", "20"],
+    );
     assert_eq!(r.write(0, &pattern(1, 4096)), Status::Ok);
     // Let the daemon clear region 0's bit (every leg in sync, region idle for two ticks).
     r.until("bits cleared", Duration::from_secs(5), |_| true);
@@ -63,10 +78,16 @@ fn failed_leg_is_d_writes_go_on_and_recovery_copies_only_dirty_regions() {
     // Writes to 5 distinct regions while leg 1 is away: no client error.
     let regions = [3u64, 9, 10, 33, 63];
     for (k, reg) in regions.iter().enumerate() {
-        assert_eq!(r.write(reg * 128 + 8, &pattern(100 + k as u64, 8192)), Status::Ok);
+        assert_eq!(
+            r.write(reg * 128 + 8, &pattern(100 + k as u64, 8192)),
+            Status::Ok
+        );
     }
     assert_eq!(r.health(), "AD");
-    assert!(r.e.events("r").unwrap().nr() > events, "an event fires when a leg fails");
+    assert!(
+        r.e.events("r").unwrap().nr() > events,
+        "an event fires when a leg fails"
+    );
     // Reads keep working from leg 0.
     let (s, b) = r.read(3 * 128 + 8, 16);
     assert_eq!((s, b), (Status::Ok, pattern(100, 8192)));
@@ -80,13 +101,20 @@ fn failed_leg_is_d_writes_go_on_and_recovery_copies_only_dirty_regions() {
     let before = r.stat("copied_regions");
     r.message("recover").unwrap();
     r.settle();
-    assert_eq!(r.stat("copied_regions") - before, regions.len() as u64, "{}", r.message("stats").unwrap());
+    assert_eq!(
+        r.stat("copied_regions") - before,
+        regions.len() as u64,
+        "{}",
+        r.message("stats").unwrap()
+    );
     r.assert_legs_identical();
     let sb = kernel_sb(&r.meta(1));
     assert_eq!(sb.failed_devices, 0, "{sb:?}");
     assert_eq!(sb.disk_recovery_offset, u64::MAX);
     r.message("check").unwrap();
-    r.until("check done", Duration::from_secs(20), |s| s.contains(" idle "));
+    r.until("check done", Duration::from_secs(20), |s| {
+        s.contains(" idle ")
+    });
     assert!(r.status().ends_with("idle 0 0 -"), "{}", r.status());
 }
 
@@ -106,8 +134,15 @@ fn mdadm_reads_the_bitmap_stackbd_wrote() {
         .expect("mdadm is required (apt-get install mdadm)");
     let _ = std::fs::remove_file(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "mdadm -X failed: {text} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("Bitmap : 64 bits (chunks), 4 dirty"), "{text}");
+    assert!(
+        out.status.success(),
+        "mdadm -X failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Bitmap : 64 bits (chunks), 4 dirty"),
+        "{text}"
+    );
     assert!(text.contains("Chunksize : 64 KB"), "{text}");
     let sb = kernel_sb(&meta);
     assert!(sb.events > 0);
@@ -128,4 +163,43 @@ fn bad_tables_and_messages_are_refused() {
     assert!(r.message("bogus").is_err());
     assert!(r.message("check now").is_err());
     assert_eq!(r.write(0, &[1u8; 512]), Status::Ok);
+}
+
+#[test]
+fn restart_resyncs_only_the_regions_whose_bits_are_set() {
+    let params = ["nosync", "region_size", REGION, "daemon_sleep", "3600000"];
+    let mut r = Rig::new(2, SECTORS, &params);
+    for reg in [2u64, 17, 50] {
+        assert_eq!(r.write(reg * 128 + 1, &pattern(reg, 2048)), Status::Ok);
+    }
+    // Make the legs differ inside one dirty region, as a crash between the two leg writes
+    // would, and inside one clean region (which nothing may touch).
+    let d1 = r.data_leaf[1];
+    assert_eq!(r.e.write_at(d1, 17 * 128 + 1, &[0xEE; 512]), Status::Ok);
+    let mut r = r.restart(&params);
+    let _ = r.read(0, 1);
+    r.settle();
+    assert_eq!(
+        r.stat("copied_regions"),
+        3,
+        "{}",
+        r.message("stats").unwrap()
+    );
+    r.assert_legs_identical();
+    let (s, b) = r.read(17 * 128 + 1, 4);
+    assert_eq!((s, b), (Status::Ok, pattern(17, 2048)));
+}
+
+#[test]
+fn reload_with_rebuild_copies_the_whole_leg() {
+    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION]);
+    assert_eq!(r.write(0, &pattern(5, 4096)), Status::Ok);
+    let d1 = r.data_leaf[1];
+    assert_eq!(r.e.write_at(d1, 4000, &[0xEE; 4096]), Status::Ok);
+    let t = table(2, SECTORS, &["region_size", REGION, "rebuild", "1"]);
+    r.e.reload("r", &t).unwrap();
+    let _ = r.read(0, 1);
+    r.settle();
+    assert_eq!(r.stat("copied_regions"), 64);
+    r.assert_legs_identical();
 }

@@ -38,7 +38,11 @@ fn run(r: &mut Rig, n: u64, seed: u64, buf: &mut [u8]) {
 
 #[test]
 fn zero_allocations_per_io_with_bits_set() {
-    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", "128", "daemon_sleep", "3600000"]);
+    let mut r = Rig::new(
+        2,
+        SECTORS,
+        &["nosync", "region_size", "128", "daemon_sleep", "3600000"],
+    );
     let mut buf = vec![0u8; 32 * SECTOR];
     run(&mut r, 3_000, 7, &mut buf);
     let before = thread_allocs();
@@ -49,7 +53,11 @@ fn zero_allocations_per_io_with_bits_set() {
 
 #[test]
 fn zero_allocations_while_bits_are_set_and_cleared() {
-    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", "128", "daemon_sleep", "1"]);
+    let mut r = Rig::new(
+        2,
+        SECTORS,
+        &["nosync", "region_size", "128", "daemon_sleep", "1"],
+    );
     let mut buf = vec![0u8; 32 * SECTOR];
     let mut go = |r: &mut Rig, rounds: u64, seed: u64| {
         for k in 0..rounds {
@@ -69,4 +77,3 @@ fn zero_allocations_while_bits_are_set_and_cleared() {
     assert!(batches > 10, "only {batches} metadata batches ran");
     assert_eq!(allocs, 0, "allocations over {batches} metadata batches");
 }
-

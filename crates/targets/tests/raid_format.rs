@@ -38,7 +38,13 @@ fn sb_strategy() -> impl Strategy<Value = Superblock> {
 }
 
 fn bm_strategy() -> impl Strategy<Value = BitmapSuper> {
-    (9u32..=26, 1u64..=(1 << 30), any::<u64>(), any::<u32>(), 0u32..=16383)
+    (
+        9u32..=26,
+        1u64..=(1 << 30),
+        any::<u64>(),
+        any::<u32>(),
+        0u32..=16383,
+    )
         .prop_map(|(shift, sync, events, sleep, wb)| BitmapSuper {
             version: bitmap::BITMAP_VERSION,
             events,

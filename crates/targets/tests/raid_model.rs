@@ -44,14 +44,24 @@ fn run(seed: u64, legs: usize) {
                 let n = 1 + rng.below(32);
                 let at = rng.below(SECTORS - n);
                 let data = pattern(seed << 20 | op, n as usize * SECTOR);
-                assert_eq!(r.write(at, &data), Status::Ok, "seed {seed} op {op}: write failed: {}", r.status());
+                assert_eq!(
+                    r.write(at, &data),
+                    Status::Ok,
+                    "seed {seed} op {op}: write failed: {}",
+                    r.status()
+                );
                 model[at as usize * SECTOR..(at + n) as usize * SECTOR].copy_from_slice(&data);
             }
             50..=84 => {
                 let n = 1 + rng.below(32);
                 let at = rng.below(SECTORS - n);
                 let (s, b) = r.read(at, n as usize);
-                assert_eq!(s, Status::Ok, "seed {seed} op {op}: read failed: {}", r.status());
+                assert_eq!(
+                    s,
+                    Status::Ok,
+                    "seed {seed} op {op}: read failed: {}",
+                    r.status()
+                );
                 assert!(
                     b == model[at as usize * SECTOR..(at + n) as usize * SECTOR],
                     "seed {seed} op {op}: read of {at}+{n} differs from the model ({})",
@@ -80,8 +90,8 @@ fn run(seed: u64, legs: usize) {
             }
         }
     }
-    for i in 0..legs {
-        if broken[i] {
+    for (i, b) in broken.iter().enumerate() {
+        if *b {
             r.mend_leg(i);
         }
     }
@@ -91,8 +101,15 @@ fn run(seed: u64, legs: usize) {
     assert!(r.leg(0) == model, "seed {seed}: legs differ from the model");
     r.message("check").unwrap();
     r.until("check", Duration::from_secs(30), |s| s.contains(" idle "));
-    assert!(r.status().ends_with(" idle 0 0 -"), "seed {seed}: {}", r.status());
-    assert!(failures > 0 || seed > 1000, "seed {seed}: no failure injected");
+    assert!(
+        r.status().ends_with(" idle 0 0 -"),
+        "seed {seed}: {}",
+        r.status()
+    );
+    assert!(
+        failures > 0 || seed > 1000,
+        "seed {seed}: no failure injected"
+    );
 }
 
 #[test]

@@ -43,15 +43,17 @@ fn engine(leaves: [Arc<PowerCutLeaf>; 4]) -> (Engine, Vec<DevId>, DevId) {
     for (name, l) in ["pd0", "pd1", "pm0", "pm1"].iter().zip(leaves) {
         ids.push(e.add_leaf(name, l).unwrap());
     }
-    let v = e.create("r", Some(&format!("0 {SECTORS} {TABLE}"))).unwrap();
+    let v = e
+        .create("r", Some(&format!("0 {SECTORS} {TABLE}")))
+        .unwrap();
     (e, ids, v)
 }
 
 fn opts(seed: u64, k: u64, cut: Option<(u64, u64)>) -> PowerCutOptions {
     PowerCutOptions {
         seed: seed.wrapping_mul(7) + k,
-        tear: seed % 2 == 0,
-        reorder: seed % 3 == 0,
+        tear: seed.is_multiple_of(2),
+        reorder: seed.is_multiple_of(3),
         cut_after: None,
         cut_random: cut,
     }
@@ -82,7 +84,7 @@ fn run(seed: u64) {
             std::thread::sleep(Duration::from_millis(3));
             e.poll();
         }
-        if rng.next() % 6 == 0 {
+        if rng.next().is_multiple_of(6) {
             if e.flush(v) == Status::Ok && !leaves[0].is_cut() {
                 durable.copy_from_slice(&current);
                 since.iter_mut().for_each(Vec::clear);
@@ -111,11 +113,17 @@ fn run(seed: u64) {
 
     // Reboot.
     let fresh = |i: usize| {
-        Arc::new(PowerCutLeaf::from_image(images[i].clone(), opts(seed, 10 + i as u64, None)).unwrap())
+        Arc::new(
+            PowerCutLeaf::from_image(images[i].clone(), opts(seed, 10 + i as u64, None)).unwrap(),
+        )
     };
     let (mut e, ids, v) = engine([fresh(0), fresh(1), fresh(2), fresh(3)]);
     let mut probe = vec![0u8; SS];
-    assert_eq!(e.read_at(v, 0, &mut probe), Status::Ok, "seed {seed}: first read");
+    assert_eq!(
+        e.read_at(v, 0, &mut probe),
+        Status::Ok,
+        "seed {seed}: first read"
+    );
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         e.poll();

@@ -19,6 +19,8 @@ pub struct Rig {
     pub data_leaf: Vec<DevId>,
     pub meta_leaf: Vec<DevId>,
     pub v: DevId,
+    /// The leaves themselves (data, meta per leg), to "restart" over the same bytes.
+    pub leaves: Vec<(Arc<stackbd_leaves::MemLeaf>, Arc<stackbd_leaves::MemLeaf>)>,
 }
 
 /// The raid table for `legs` legs of `sectors` with `params` (after chunk_size).
@@ -38,26 +40,41 @@ pub fn table(legs: usize, sectors: u64, params: &[&str]) -> String {
 impl Rig {
     /// Fresh leaves (zeroed), data volumes, and the raid volume with `params`.
     pub fn new(legs: usize, sectors: u64, params: &[&str]) -> Rig {
+        let leaves = (0..legs)
+            .map(|_| {
+                (
+                    Arc::new(stackbd_leaves::MemLeaf::new(sectors * SECTOR as u64).unwrap()),
+                    Arc::new(stackbd_leaves::MemLeaf::new(META_SECTORS * SECTOR as u64).unwrap()),
+                )
+            })
+            .collect();
+        Rig::over(leaves, sectors, params)
+    }
+
+    /// A new engine (a restart) over the same leaves, with `params`.
+    pub fn restart(self, params: &[&str]) -> Rig {
+        let (leaves, sectors) = (self.leaves.clone(), self.sectors);
+        drop(self);
+        Rig::over(leaves, sectors, params)
+    }
+
+    fn over(
+        leaves: Vec<(Arc<stackbd_leaves::MemLeaf>, Arc<stackbd_leaves::MemLeaf>)>,
+        sectors: u64,
+        params: &[&str],
+    ) -> Rig {
+        let legs = leaves.len();
         let mut e = Engine::new(stackbd_targets::registry(), ReactorConfig::default());
         let mut data_leaf = Vec::new();
         let mut meta_leaf = Vec::new();
-        for i in 0..legs {
-            data_leaf.push(
-                e.add_leaf(
-                    &format!("m{i}"),
-                    Arc::new(stackbd_leaves::MemLeaf::new(sectors * SECTOR as u64).unwrap()),
-                )
-                .unwrap(),
-            );
-            meta_leaf.push(
-                e.add_leaf(
-                    &format!("meta{i}"),
-                    Arc::new(stackbd_leaves::MemLeaf::new(META_SECTORS * SECTOR as u64).unwrap()),
-                )
-                .unwrap(),
-            );
-            e.create(&format!("d{i}"), Some(&format!("0 {sectors} linear m{i} 0")))
-                .unwrap();
+        for (i, (d, m)) in leaves.iter().enumerate() {
+            data_leaf.push(e.add_leaf(&format!("m{i}"), d.clone()).unwrap());
+            meta_leaf.push(e.add_leaf(&format!("meta{i}"), m.clone()).unwrap());
+            e.create(
+                &format!("d{i}"),
+                Some(&format!("0 {sectors} linear m{i} 0")),
+            )
+            .unwrap();
         }
         let v = e.create("r", Some(&table(legs, sectors, params))).unwrap();
         Rig {
@@ -67,6 +84,7 @@ impl Rig {
             data_leaf,
             meta_leaf,
             v,
+            leaves,
         }
     }
 
@@ -76,7 +94,11 @@ impl Rig {
 
     /// The health characters.
     pub fn health(&self) -> String {
-        self.status().split_whitespace().nth(5).unwrap_or("").to_string()
+        self.status()
+            .split_whitespace()
+            .nth(5)
+            .unwrap_or("")
+            .to_string()
     }
 
     pub fn message(&mut self, m: &str) -> Result<String, String> {
@@ -164,7 +186,10 @@ impl Rig {
         for i in 1..self.legs {
             let other = self.leg(i);
             if let Some(at) = first.iter().zip(&other).position(|(a, b)| a != b) {
-                panic!("leg {i} differs from leg 0 at byte {at} (sector {})", at / SECTOR);
+                panic!(
+                    "leg {i} differs from leg 0 at byte {at} (sector {})",
+                    at / SECTOR
+                );
             }
         }
     }
@@ -235,7 +260,12 @@ pub fn kernel_sb(b: &[u8]) -> KernelSb {
     let _ndo = next(8);
     let sectors = next(8);
     KernelSb {
-        magic: [b[magic_at], b[magic_at + 1], b[magic_at + 2], b[magic_at + 3]],
+        magic: [
+            b[magic_at],
+            b[magic_at + 1],
+            b[magic_at + 2],
+            b[magic_at + 3],
+        ],
         compat_features: le32(compat),
         num_devices: le32(ndev),
         array_position: le32(pos),

@@ -125,8 +125,7 @@ impl Raid {
         if !s.meta_pending() && !clearing() {
             return;
         }
-        if s
-            .meta_token
+        if s.meta_token
             .compare_exchange(false, true, SeqCst, SeqCst)
             .is_ok()
         {
@@ -225,12 +224,25 @@ impl Raid {
     }
 
     /// A metadata child ended. Reactor thread (the token holder's).
-    pub(crate) fn meta_child_done(&self, cx: &mut TargetCx<'_>, leg: usize, flush: bool, st: Status) {
+    pub(crate) fn meta_child_done(
+        &self,
+        cx: &mut TargetCx<'_>,
+        leg: usize,
+        flush: bool,
+        st: Status,
+    ) {
         let s = &*self.shared;
         // A device that refuses a flush (an NBD server without flush support answers EINVAL)
         // has no volatile cache to empty: that is no fault of the leg.
         if !st.is_ok() && super::leg_fault(st) {
-            s.fail_leg(leg, if flush { "data flush failed" } else { "metadata write failed" });
+            s.fail_leg(
+                leg,
+                if flush {
+                    "data flush failed"
+                } else {
+                    "metadata write failed"
+                },
+            );
         }
         if !flush {
             let id = std::mem::replace(&mut cx.state::<Rx>().meta.bufs[leg], u32::MAX);
@@ -350,7 +362,7 @@ impl Raid {
         let mut dirty = vec![false; regions];
         let ok = cx.state::<Rx>().load.ok;
         let mut area = vec![0u8; self.area_bytes];
-        for i in 0..nlegs {
+        for (i, slot) in sbs.iter_mut().enumerate() {
             let id = std::mem::replace(&mut cx.state::<Rx>().load.bufs[i], u32::MAX);
             if id == u32::MAX {
                 continue;
@@ -359,7 +371,7 @@ impl Raid {
                 cx.bounce_data(id).read_into(0, &mut area);
                 match self.parse_area(&area) {
                     Ok((sb, stale)) => {
-                        sbs[i] = Some(sb);
+                        *slot = Some(sb);
                         let bits = &area[BITMAP_OFFSET as usize..];
                         for (r, d) in dirty.iter_mut().enumerate() {
                             *d |= stale || bitmap::bit(bits, r as u64);
@@ -374,10 +386,18 @@ impl Raid {
         }
         let fresh = sbs.iter().all(Option::is_none);
         let max_events = sbs.iter().flatten().map(|sb| sb.events).max().unwrap_or(0);
-        let freshest = sbs.iter().flatten().find(|sb| sb.events == max_events).copied();
+        let freshest = sbs
+            .iter()
+            .flatten()
+            .find(|sb| sb.events == max_events)
+            .copied();
         s.events.store(max_events, SeqCst);
         s.events_cleared.store(max_events, SeqCst);
-        let all: u64 = if nlegs == 64 { u64::MAX } else { (1 << nlegs) - 1 };
+        let all: u64 = if nlegs == 64 {
+            u64::MAX
+        } else {
+            (1 << nlegs) - 1
+        };
         let mut full = self.args.rebuild;
         let mut partial = 0u64;
         for (i, l) in s.legs.iter().enumerate() {
@@ -418,18 +438,18 @@ impl Raid {
             self.args.sync == Some(true)
         };
         let mut any = 0u64;
-        for r in 0..regions {
+        for (r, &d) in dirty.iter().enumerate() {
             let mut n = (full & live) & !(1 << src);
             if initial {
                 n |= others;
-            } else if dirty[r] {
+            } else if d {
                 n |= others; // a crash left it maybe different, and stale legs missed it
             }
             if n != 0 {
                 s.need[r].store(n, SeqCst);
                 s.bits[r].store(bit::DIRTY, SeqCst);
                 any |= n;
-            } else if dirty[r] {
+            } else if d {
                 s.bits[r].store(bit::DIRTY, SeqCst);
             }
         }

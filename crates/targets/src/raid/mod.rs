@@ -28,13 +28,13 @@ pub mod table;
 
 use stackbd_core::target::{ReactorInit, TargetEnv};
 use stackbd_core::{
-    ArgError, Bio, ChildIo, CtorCx, DevId, Endio, Limits, MapResult, Op, Sector,
-    Status, Target, TargetCx,
+    ArgError, Bio, ChildIo, CtorCx, DevId, Endio, Limits, MapResult, Op, Sector, Status, Target,
+    TargetCx,
 };
 use state::{action, bit, leg, load, Leg, Shared};
 use std::any::Any;
-use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::AtomicU8;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use table::RaidArgs;
 
@@ -141,7 +141,11 @@ impl Raid {
                 ),
                 None => None,
             };
-            let state = if data.is_some() { leg::IN_SYNC } else { leg::FAILED };
+            let state = if data.is_some() {
+                leg::IN_SYNC
+            } else {
+                leg::FAILED
+            };
             legs.push(Leg {
                 meta,
                 data,
@@ -195,8 +199,7 @@ impl Raid {
                 continue;
             }
             let st = l.state.load(SeqCst);
-            let ok = st == leg::IN_SYNC && need & (1 << i) == 0
-                || st == leg::RECOVER && need & (1 << i) == 0;
+            let ok = matches!(st, leg::IN_SYNC | leg::RECOVER) && need & (1 << i) == 0;
             if !ok {
                 continue;
             }
@@ -232,7 +235,9 @@ impl Raid {
         s.inflight[r].fetch_add(1, SeqCst);
         if s.busy[r].load(SeqCst) {
             s.inflight[r].fetch_sub(1, SeqCst);
-            return MapResult::Park { key: key(K_BUSY, r as u64) };
+            return MapResult::Park {
+                key: key(K_BUSY, r as u64),
+            };
         }
         if s.bits[r].load(SeqCst) != bit::DIRTY {
             s.inflight[r].fetch_sub(1, SeqCst);
@@ -242,7 +247,9 @@ impl Raid {
                 // The batch finished inline (no metadata devices): go again.
                 return self.map_write(bio, cx);
             }
-            return MapResult::Park { key: key(K_BIT, r as u64) };
+            return MapResult::Park {
+                key: key(K_BIT, r as u64),
+            };
         }
         s.age[r].store(0, SeqCst);
         self.fan_out(bio, cx, r as u64)
@@ -289,7 +296,9 @@ impl Raid {
                 tag: key(T_WRITE, (slot as u64) << 8 | i as u64),
             });
         }
-        MapResult::Hold { key: key(K_WRITE, slot as u64) }
+        MapResult::Hold {
+            key: key(K_WRITE, slot as u64),
+        }
     }
 
     fn write_child_done(&self, cx: &mut TargetCx<'_>, slot: usize, i: usize, st: Status) {
@@ -347,15 +356,16 @@ impl Target for Raid {
     fn map(&self, bio: &mut Bio, cx: &mut TargetCx<'_>) -> MapResult {
         let s = &*self.shared;
         if s.load.load(SeqCst) != load::READY {
-            if s
-                .load
+            if s.load
                 .compare_exchange(load::UNLOADED, load::LOADING, SeqCst, SeqCst)
                 .is_ok()
             {
                 self.start_load(cx);
             }
             if s.load.load(SeqCst) != load::READY {
-                return MapResult::Park { key: key(K_LOAD, 0) };
+                return MapResult::Park {
+                    key: key(K_LOAD, 0),
+                };
             }
         }
         self.arm_daemon(cx);
@@ -374,7 +384,9 @@ impl Target for Raid {
                 let wait = cx.state::<Rx>().slots[slot].wait_gen;
                 if wait > self.shared.durable_gen.load(SeqCst) {
                     self.try_meta(cx);
-                    return MapResult::Hold { key: key(K_SB, wait << 16 | slot as u64) };
+                    return MapResult::Hold {
+                        key: key(K_SB, wait << 16 | slot as u64),
+                    };
                 }
                 MapResult::Done(self.free_slot(cx, slot))
             }
@@ -437,8 +449,7 @@ impl Target for Raid {
     fn wake(&self, cx: &mut TargetCx<'_>) {
         let s = &*self.shared;
         if s.load.load(SeqCst) == load::UNLOADED
-            && s
-                .load
+            && s.load
                 .compare_exchange(load::UNLOADED, load::LOADING, SeqCst, SeqCst)
                 .is_ok()
         {
@@ -542,6 +553,3 @@ impl Target for Raid {
         self.shared.ring_all();
     }
 }
-
-
-

@@ -309,8 +309,7 @@ impl Raid {
         for (i, l) in s.legs.iter().enumerate() {
             if l.state.load(SeqCst) == leg::RECOVER
                 && !s.need.iter().any(|n| n.load(SeqCst) & (1 << i) != 0)
-                && l
-                    .state
+                && l.state
                     .compare_exchange(leg::RECOVER, leg::IN_SYNC, SeqCst, SeqCst)
                     .is_ok()
             {
@@ -321,7 +320,11 @@ impl Raid {
         let a = s.action.load(SeqCst);
         if a != action::FROZEN && a != action::IDLE {
             if checking {
-                tracing::info!(mismatches = s.mismatches.load(SeqCst), "raid1: {} done", action::name(a));
+                tracing::info!(
+                    mismatches = s.mismatches.load(SeqCst),
+                    "raid1: {} done",
+                    action::name(a)
+                );
             }
             s.action.store(action::IDLE, SeqCst);
             changed = true;

@@ -222,7 +222,10 @@ impl Shared {
         }
         self.fail_gen.fetch_add(1, SeqCst);
         self.sb_dirty.store(true, SeqCst);
-        tracing::warn!(leg = i, "raid1: leg failed ({why}); I/O goes on with the others");
+        tracing::warn!(
+            leg = i,
+            "raid1: leg failed ({why}); I/O goes on with the others"
+        );
         self.raise_event();
         true
     }

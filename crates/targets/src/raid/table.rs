@@ -52,8 +52,8 @@ impl RaidArgs {
         match level.to_ascii_lowercase().as_str() {
             "raid1" => {}
             "raid0" | "raid4" | "raid5_la" | "raid5_ra" | "raid5_ls" | "raid5_rs" | "raid5_n"
-            | "raid6_zr" | "raid6_nr" | "raid6_nc" | "raid6_n_6" | "raid6_la_6"
-            | "raid6_ra_6" | "raid6_ls_6" | "raid6_rs_6" | "raid10" | "raid5" | "raid6" => {
+            | "raid6_zr" | "raid6_nr" | "raid6_nc" | "raid6_n_6" | "raid6_la_6" | "raid6_ra_6"
+            | "raid6_ls_6" | "raid6_rs_6" | "raid10" | "raid5" | "raid6" => {
                 return Err(bad(
                     "raid_type",
                     format!("'{level}' is not supported by stackbd yet (only raid1)"),
@@ -68,7 +68,12 @@ impl RaidArgs {
         let end = nparams
             .checked_add(2)
             .filter(|&e| e <= args.len())
-            .ok_or_else(|| bad("#raid_params", format!("{nparams} parameters announced, fewer given")))?;
+            .ok_or_else(|| {
+                bad(
+                    "#raid_params",
+                    format!("{nparams} parameters announced, fewer given"),
+                )
+            })?;
         let params = &args[2..end];
         let mut a = RaidArgs {
             chunk_size: parse_num("chunk_size", params[0])?,
@@ -123,16 +128,23 @@ impl RaidArgs {
                 "region_size" => {
                     let v = num(w, it.next())?;
                     if v < 8 || !v.is_power_of_two() || v > (1 << 22) {
-                        return Err(bad(w, format!("{v} sectors: a power of two in 8..=4194304")));
+                        return Err(bad(
+                            w,
+                            format!("{v} sectors: a power of two in 8..=4194304"),
+                        ));
                     }
                     if a.region_size.replace(v).is_some() {
                         return Err(dup(w));
                     }
                 }
-                "stripe_cache" | "raid10_copies" | "raid10_format" | "delta_disks"
-                | "data_offset" | "journal_dev" | "journal_mode" | "raid10_use_near_sets" => {
-                    return Err(bad(w, "not a raid1 parameter"))
-                }
+                "stripe_cache"
+                | "raid10_copies"
+                | "raid10_format"
+                | "delta_disks"
+                | "data_offset"
+                | "journal_dev"
+                | "journal_mode"
+                | "raid10_use_near_sets" => return Err(bad(w, "not a raid1 parameter")),
                 _ => return Err(bad("raid_params", format!("unknown parameter '{w}'"))),
             }
         }
@@ -176,7 +188,10 @@ impl RaidArgs {
             return Err(bad("rebuild", "cannot rebuild every leg"));
         }
         if a.write_mostly.count_ones() as usize >= ndevs {
-            return Err(bad("write_mostly", "at least one leg must not be write_mostly"));
+            return Err(bad(
+                "write_mostly",
+                "at least one leg must not be write_mostly",
+            ));
         }
         if a.rebuild != 0 && a.sync.is_some() {
             return Err(bad("rebuild", "conflicts with sync/nosync"));
@@ -283,7 +298,10 @@ mod tests {
             ("raid1 1 0 2 - - - -", "devices"),
             ("raid1 1 0 0", "#raid_devs"),
             ("raid1 2 0 bogus 2 - a - b", "raid_params"),
-            ("raid1 3 0 daemon_sleep 99999999999 2 - a - b", "daemon_sleep"),
+            (
+                "raid1 3 0 daemon_sleep 99999999999 2 - a - b",
+                "daemon_sleep",
+            ),
             ("raid1 2 0 sync nosync 2 - a - b", "#raid_params"),
             ("raid1 3 0 write_mostly 0 1 - a", "write_mostly"),
         ] {
