@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        let a = p("raid1 7 0 nosync region_size 128 write_mostly 1 daemon_sleep 50 2 m0 d0 - d1")
+        let a = p("raid1 8 0 nosync region_size 128 write_mostly 1 daemon_sleep 50 2 m0 d0 - d1")
             .unwrap();
         assert_eq!(a.sync, Some(false));
         assert_eq!(a.region_sectors(1 << 20), 128);
@@ -281,7 +281,7 @@ mod tests {
         assert_eq!(a.legs[1], (None, Some("d1".into())));
         assert_eq!(
             a.table_args(),
-            "raid1 7 0 nosync daemon_sleep 50 write_mostly 1 region_size 128 2 m0 d0 - d1"
+            "raid1 8 0 nosync daemon_sleep 50 write_mostly 1 region_size 128 2 m0 d0 - d1"
         );
         assert_eq!(p(&a.table_args()).unwrap(), a);
     }
@@ -290,7 +290,8 @@ mod tests {
     fn refuses() {
         for (line, field) in [
             ("raid5_ls 1 64 3 - a - b - c", "raid_type"),
-            ("raid1 3 0 sync 2 - a - b", "#raid_params"),
+            ("raid1 3 0 sync 2 - a - b", "raid_params"),
+            ("raid1 9 0 sync 2 - a - b", "#raid_params"),
             ("raid1 2 0 rebuild 2 - a - b", "rebuild"),
             ("raid1 3 0 rebuild 2 2 - a - b", "rebuild"),
             ("raid1 3 0 region_size 100 2 - a - b", "region_size"),
@@ -302,7 +303,7 @@ mod tests {
                 "raid1 3 0 daemon_sleep 99999999999 2 - a - b",
                 "daemon_sleep",
             ),
-            ("raid1 2 0 sync nosync 2 - a - b", "#raid_params"),
+            ("raid1 3 0 sync nosync 2 - a - b", "nosync"),
             ("raid1 3 0 write_mostly 0 1 - a", "write_mostly"),
         ] {
             let e = p(line).expect_err(line);
