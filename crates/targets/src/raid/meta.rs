@@ -121,8 +121,7 @@ impl Raid {
         if s.load.load(SeqCst) != load::READY {
             return;
         }
-        let clearing = || s.bits.iter().any(|b| b.load(SeqCst) == bit::CLEARING);
-        if !s.meta_pending() && !clearing() {
+        if !s.meta_pending() {
             return;
         }
         if s.meta_token
@@ -136,7 +135,13 @@ impl Raid {
     /// Token held: flush data (when clearing) or write the metadata.
     fn start_meta(&self, cx: &mut TargetCx<'_>) {
         let s = &*self.shared;
-        let clearing = s.bits.iter().any(|b| b.load(SeqCst) == bit::CLEARING);
+        let clearing = s.clear_pending.swap(false, SeqCst);
+        if clearing {
+            // These are the regions this batch clears; the flush below covers their data.
+            for b in s.bits.iter() {
+                let _ = b.compare_exchange(bit::CLEARING, bit::CLEAR_FLUSHING, SeqCst, SeqCst);
+            }
+        }
         let mask = s.write_mask();
         {
             let rx = cx.state::<Rx>();
@@ -273,7 +278,7 @@ impl Raid {
         for b in s.bits.iter() {
             let _ = b.compare_exchange(bit::WRITING, bit::DIRTY, SeqCst, SeqCst);
             if clearing {
-                let _ = b.compare_exchange(bit::CLEARING, bit::CLEAN, SeqCst, SeqCst);
+                let _ = b.compare_exchange(bit::CLEAR_FLUSHING, bit::CLEAN, SeqCst, SeqCst);
             }
         }
         s.durable_gen.fetch_max(gen, SeqCst);

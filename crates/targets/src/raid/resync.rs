@@ -378,6 +378,7 @@ impl Raid {
             }
         }
         if n > 0 {
+            s.clear_pending.store(true, SeqCst);
             self.try_meta(cx);
         }
     }

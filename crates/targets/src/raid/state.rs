@@ -32,8 +32,10 @@ pub mod bit {
     pub const WRITING: u8 = 2;
     /// Set and durable: writes go at once.
     pub const DIRTY: u8 = 3;
-    /// Being cleared by the daemon (a write turns it back to WANT).
+    /// Being cleared by the daemon (a write turns it back to WANT); still set on disk.
     pub const CLEARING: u8 = 4;
+    /// In a clearing batch whose data flush started: written clear by that batch.
+    pub const CLEAR_FLUSHING: u8 = 5;
 }
 
 /// Load progress.
@@ -99,6 +101,8 @@ pub struct Shared {
     pub durable_gen: AtomicU64,
     /// A superblock update is wanted even without bit changes.
     pub sb_dirty: AtomicBool,
+    /// The daemon marked regions CLEARING: the next batch flushes data and clears them.
+    pub clear_pending: AtomicBool,
     /// Superblock events (raised per batch).
     pub events: AtomicU64,
     pub events_cleared: AtomicU64,
@@ -141,6 +145,7 @@ impl Shared {
             fail_gen: AtomicU64::new(0),
             durable_gen: AtomicU64::new(0),
             sb_dirty: AtomicBool::new(false),
+            clear_pending: AtomicBool::new(false),
             events: AtomicU64::new(0),
             events_cleared: AtomicU64::new(0),
             load: AtomicU8::new(load::UNLOADED),
@@ -232,7 +237,7 @@ impl Shared {
 
     /// Asks the next metadata batch to set region `r`'s bit (CLEAN/CLEARING -> WANT).
     pub fn want_bit(&self, r: usize) {
-        for from in [bit::CLEAN, bit::CLEARING] {
+        for from in [bit::CLEAN, bit::CLEARING, bit::CLEAR_FLUSHING] {
             if self.bits[r]
                 .compare_exchange(from, bit::WANT, SeqCst, SeqCst)
                 .is_ok()
@@ -247,13 +252,14 @@ impl Shared {
     pub fn meta_pending(&self) -> bool {
         self.want.load(SeqCst) > 0
             || self.sb_dirty.load(SeqCst)
+            || self.clear_pending.load(SeqCst)
             || self.durable_gen.load(SeqCst) < self.fail_gen.load(SeqCst)
     }
 
-    /// The bit as the next batch writes it: set for regions being set, dirty, or still needing
-    /// a copy to some leg.
+    /// The bit as the next batch writes it: clear only for regions clean, or cleared by this
+    /// batch after its data flush, and needing no copy. Setting a bit too many is always safe.
     pub fn bit_on_disk(&self, r: usize) -> bool {
-        matches!(self.bits[r].load(SeqCst), bit::WRITING | bit::DIRTY)
+        !matches!(self.bits[r].load(SeqCst), bit::CLEAN | bit::CLEAR_FLUSHING)
             || self.need[r].load(SeqCst) != 0
     }
 
