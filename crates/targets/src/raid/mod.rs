@@ -18,6 +18,19 @@
 //! (least loaded on this reactor, `write_mostly` legs last) and are retried on another after an
 //! error. Resync/recovery/check run in the background on the home reactor through the copy
 //! engine (`resync.rs`); bits are cleared by a daemon tick every `daemon_sleep`.
+//!
+//! The set's metadata is read by the first bio (or the first doorbell after `activate`); bios
+//! wait parked meanwhile. At load: a blank metadata device is a new leg (rebuilt in full), a
+//! leg the freshest superblock names failed or whose events lag comes back through the bitmap
+//! (only dirty regions), and every region whose bit is set is resynced (a crash may have left
+//! the legs different there). `sync` resyncs everything, `nosync` skips a new set's initial
+//! sync, `rebuild <idx>` rebuilds that leg in full.
+//!
+//! Differences from dm-raid: `min_recovery_rate` is accepted and ignored (application I/O
+//! always has priority: a region with writes in flight is skipped and retried);
+//! `max_write_behind` is written to the bitmap superblock but writes are never acknowledged
+//! before a `write_mostly` leg has them; the progress shown is regions left to copy, not a
+//! sector cursor; messages also take `stats` (counters for tests and tools).
 
 pub mod bitmap;
 mod meta;
