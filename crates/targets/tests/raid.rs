@@ -203,3 +203,61 @@ fn reload_with_rebuild_copies_the_whole_leg() {
     assert_eq!(r.stat("copied_regions"), 64);
     r.assert_legs_identical();
 }
+
+#[test]
+fn a_read_error_is_retried_on_the_other_leg() {
+    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION]);
+    assert_eq!(r.write(100, &pattern(9, 4096)), Status::Ok);
+    // Leg 0 is picked first (equal load, lowest index); its device now fails every I/O.
+    r.break_leg(0);
+    let events = r.e.events("r").unwrap().nr();
+    let (s, b) = r.read(100, 8);
+    assert_eq!((s, b), (Status::Ok, pattern(9, 4096)));
+    assert_eq!(r.health(), "DA");
+    assert!(r.e.events("r").unwrap().nr() > events);
+}
+
+#[test]
+fn reads_avoid_write_mostly_legs() {
+    let mut r = Rig::new(
+        2,
+        SECTORS,
+        &["nosync", "write_mostly", "0", "region_size", REGION],
+    );
+    assert_eq!(r.write(0, &pattern(4, 8192)), Status::Ok);
+    // Were leg 0 read, the read would fail there and mark it D.
+    r.break_leg(0);
+    for _ in 0..20 {
+        let (s, b) = r.read(0, 16);
+        assert_eq!((s, b), (Status::Ok, pattern(4, 8192)));
+    }
+    assert_eq!(r.health(), "AA", "a write_mostly leg was read");
+}
+
+#[test]
+fn resync_honours_max_recovery_rate_and_shows_progress() {
+    // 16 regions of 64 KiB = 1 MiB to copy at 1024 kB/s: about a second.
+    let sectors = 2048;
+    let mut r = Rig::new(
+        2,
+        sectors,
+        &["region_size", REGION, "max_recovery_rate", "1024"],
+    );
+    let t = std::time::Instant::now();
+    let _ = r.read(0, 1);
+    let mut partial = None;
+    r.until("resync", Duration::from_secs(20), |s| {
+        let ratio = s.split_whitespace().nth(6).unwrap_or("");
+        if partial.is_none() && ratio != "0/2048" && ratio != "2048/2048" {
+            partial = Some(ratio.to_string());
+        }
+        s.contains(" AA 2048/2048 idle ")
+    });
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "1 MiB resynced in {took:?} at 1024 kB/s"
+    );
+    assert!(partial.is_some(), "status never showed partial progress");
+    assert_eq!(r.stat("copied_regions"), 16);
+}

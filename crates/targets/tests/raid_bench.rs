@@ -33,8 +33,11 @@ fn resync_throughput_vs_plain_copy() {
     let mib = (SECTORS * 512) as f64 / (1 << 20) as f64;
     // Resync: reload with `rebuild 1`, first I/O loads, wait until in sync.
     let t = Instant::now();
-    r.e.reload("r", &table(2, SECTORS, &["region_size", "2048", "rebuild", "1"]))
-        .unwrap();
+    r.e.reload(
+        "r",
+        &table(2, SECTORS, &["region_size", "2048", "rebuild", "1"]),
+    )
+    .unwrap();
     let _ = r.read(0, 1);
     // Poll without sleeping (the inline engine copies only while polled).
     let done = format!("AA {SECTORS}/{SECTORS} idle");
@@ -51,8 +54,18 @@ fn resync_throughput_vs_plain_copy() {
     r.assert_legs_identical();
     println!("| operation | MiB | seconds | MiB/s |");
     println!("|---|---:|---:|---:|");
-    for (what, d) in [("plain copy (1 MiB read + write)", plain), ("raid1 resync (rebuild 1)", resync)] {
-        println!("| {what} | {mib:.0} | {:.3} | {:.0} |", d.as_secs_f64(), mib / d.as_secs_f64());
+    for (what, d) in [
+        ("plain copy (1 MiB read + write)", plain),
+        ("raid1 resync (rebuild 1)", resync),
+    ] {
+        println!(
+            "| {what} | {mib:.0} | {:.3} | {:.0} |",
+            d.as_secs_f64(),
+            mib / d.as_secs_f64()
+        );
     }
-    println!("| resync / plain copy | | | {:.2}x |", plain.as_secs_f64() / resync.as_secs_f64());
+    println!(
+        "| resync / plain copy | | | {:.2}x |",
+        plain.as_secs_f64() / resync.as_secs_f64()
+    );
 }

@@ -114,7 +114,7 @@ impl Rig {
     }
 
     /// Polls the engine until `f(status)` holds (timers and background work run).
-    pub fn until(&mut self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) {
+    pub fn until(&mut self, what: &str, timeout: Duration, mut f: impl FnMut(&str) -> bool) {
         let end = Instant::now() + timeout;
         loop {
             self.e.poll();

@@ -47,7 +47,7 @@ use stackbd_core::{
 use state::{action, bit, leg, load, Leg, Shared};
 use std::any::Any;
 use std::sync::atomic::AtomicU8;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use table::RaidArgs;
 
@@ -264,7 +264,10 @@ impl Raid {
                 key: key(K_BIT, r as u64),
             };
         }
-        s.age[r].store(0, SeqCst);
+        // Reset the daemon's idle count only when it counted (no store per write).
+        if s.age[r].load(Relaxed) != 0 {
+            s.age[r].store(0, Relaxed);
+        }
         self.fan_out(bio, cx, r as u64)
     }
 

@@ -26,6 +26,8 @@ pub(crate) struct DriverCtx {
     pub timer_set: bool,
     /// Regions copied in this pass (a pass that copied nothing does not restart).
     pub copied_this_pass: u64,
+    /// The recovery rate limit: no region starts before this.
+    pub not_before: Option<Instant>,
 }
 
 impl DriverCtx {
@@ -40,6 +42,7 @@ impl DriverCtx {
             read_failed: false,
             timer_set: false,
             copied_this_pass: 0,
+            not_before: None,
         }
     }
 }
@@ -68,6 +71,14 @@ impl Raid {
         }
         if cx.state::<Rx>().drv.active {
             return;
+        }
+        if let Some(t) = cx.state::<Rx>().drv.not_before {
+            let now = Instant::now();
+            if now < t {
+                self.drive_later(cx, t - now);
+                return;
+            }
+            cx.state::<Rx>().drv.not_before = None;
         }
         let a = s.action.load(SeqCst);
         if a == action::FROZEN {
@@ -185,7 +196,9 @@ impl Raid {
             Some(kbs) => {
                 let bytes = self.region_range(r).1 as u64 * 512;
                 let us = bytes.saturating_mul(1_000_000) / (u64::from(kbs) * 1024);
-                self.drive_later(cx, Duration::from_micros(us));
+                let after = Duration::from_micros(us);
+                cx.state::<Rx>().drv.not_before = Some(Instant::now() + after);
+                self.drive_later(cx, after);
             }
             None => self.drive(cx),
         }
