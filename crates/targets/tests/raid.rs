@@ -261,3 +261,17 @@ fn resync_honours_max_recovery_rate_and_shows_progress() {
     assert!(partial.is_some(), "status never showed partial progress");
     assert_eq!(r.stat("copied_regions"), 16);
 }
+
+#[test]
+fn reads_spread_over_the_legs() {
+    let mut r = Rig::new(2, SECTORS, &["nosync", "region_size", REGION]);
+    assert_eq!(r.write(0, &pattern(6, 4096)), Status::Ok);
+    // Break leg 1's device: if reads at queue depth 1 go round the legs, one of the next reads
+    // lands there, fails over to leg 0, and leaves leg 1 marked D.
+    r.break_leg(1);
+    for _ in 0..4 {
+        let (s, b) = r.read(0, 8);
+        assert_eq!((s, b), (Status::Ok, pattern(6, 4096)));
+    }
+    assert_eq!(r.health(), "AD", "reads never went to leg 1");
+}

@@ -101,6 +101,8 @@ pub(crate) struct Rx {
     free: Vec<u16>,
     /// Reads in flight per leg on this reactor.
     reads: Vec<u32>,
+    /// The leg after the last one read (round-robin among equally loaded legs).
+    rr: usize,
     pub(crate) meta: meta::MetaCtx,
     pub(crate) load: meta::LoadCtx,
     pub(crate) drv: resync::DriverCtx,
@@ -203,10 +205,12 @@ impl Raid {
 
     /// Picks a leg to read region `r` from: in sync (or recovering and already copied there),
     /// fewest reads in flight on this reactor, `write_mostly` legs only when nothing else.
-    fn pick_read_leg(&self, r: usize, reads: &[u32]) -> Option<usize> {
+    /// Ties go round-robin from `rr`, so reads spread even at queue depth 1.
+    fn pick_read_leg(&self, r: usize, reads: &[u32], rr: usize) -> Option<usize> {
         let s = &*self.shared;
         let need = s.need[r].load(SeqCst);
-        let mut best: Option<(bool, u32, usize)> = None;
+        let n = s.legs.len();
+        let mut best: Option<(bool, u32, usize, usize)> = None;
         for (i, l) in s.legs.iter().enumerate() {
             if l.data.is_none() {
                 continue;
@@ -216,20 +220,21 @@ impl Raid {
             if !ok {
                 continue;
             }
-            let cand = (l.write_mostly, reads[i], i);
-            if best.is_none_or(|b| (cand.0, cand.1) < (b.0, b.1)) {
+            let cand = (l.write_mostly, reads[i], (i + n - rr % n) % n, i);
+            if best.is_none_or(|b| (cand.0, cand.1, cand.2) < (b.0, b.1, b.2)) {
                 best = Some(cand);
             }
         }
-        best.map(|b| b.2)
+        best.map(|b| b.3)
     }
 
     fn map_read(&self, bio: &mut Bio, cx: &mut TargetCx<'_>) -> MapResult {
         let r = self.region(bio.sector);
         let rx = cx.state::<Rx>();
-        let Some(i) = self.pick_read_leg(r, &rx.reads) else {
+        let Some(i) = self.pick_read_leg(r, &rx.reads, rx.rr) else {
             return MapResult::Done(Status::IoError);
         };
+        rx.rr = i + 1;
         rx.reads[i] += 1;
         let f = ReadFrame {
             sector: bio.sector,
@@ -490,6 +495,7 @@ impl Target for Raid {
             slots: vec![WSlot::default(); SLOTS],
             free: (0..SLOTS as u16).rev().collect(),
             reads: vec![0; n],
+            rr: 0,
             meta: meta::MetaCtx {
                 bufs: vec![u32::MAX; n],
                 ..Default::default()
