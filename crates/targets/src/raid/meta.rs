@@ -189,6 +189,14 @@ impl Raid {
                 s.want.fetch_sub(1, SeqCst);
             }
         }
+        if cx.state::<Rx>().meta.clearing && !s.all_in_sync() {
+            // A leg failed since the daemon chose these regions: a write that reached only
+            // the other legs may have finished in one of them, so its bit must stay.
+            for b in s.bits.iter() {
+                let _ = b.compare_exchange(bit::CLEAR_FLUSHING, bit::DIRTY, SeqCst, SeqCst);
+            }
+            cx.state::<Rx>().meta.clearing = false;
+        }
         let events = s.events.fetch_add(1, SeqCst) + 1;
         if cx.state::<Rx>().meta.clearing {
             s.events_cleared.store(events, SeqCst);
