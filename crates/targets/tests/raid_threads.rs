@@ -135,8 +135,8 @@ fn two_reactors_with_a_leg_failing_and_coming_back() {
     let legs: Vec<Arc<stackbd_leaves::MemLeaf>> = (0..2)
         .map(|_| Arc::new(stackbd_leaves::MemLeaf::new(SECTORS * 512).unwrap()))
         .collect();
-    for i in 0..2 {
-        e.add_leaf(&format!("m{i}"), legs[i].clone()).unwrap();
+    for (i, leg) in legs.iter().enumerate() {
+        e.add_leaf(&format!("m{i}"), leg.clone()).unwrap();
         e.add_leaf(
             &format!("meta{i}"),
             Arc::new(stackbd_leaves::MemLeaf::new(64 * 1024).unwrap()),
