@@ -30,30 +30,43 @@ pub const MAX_CHUNKS: u64 = 1 << 24;
 /// The bitmap superblock, decoded. Plain data owned by the caller.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BitmapSuper {
+    /// `version`, as the kernel's on-disk struct names it.
     pub version: u32,
+    /// `uuid`, as the kernel's on-disk struct names it.
     pub uuid: [u8; 16],
+    /// `events`, as the kernel's on-disk struct names it.
     pub events: u64,
+    /// `events_cleared`, as the kernel's on-disk struct names it.
     pub events_cleared: u64,
     /// Sectors the bitmap covers (the leg's data size).
     pub sync_size: u64,
+    /// `state`, as the kernel's on-disk struct names it.
     pub state: u32,
     /// Bytes per region; a power of two, at least 512.
     pub chunksize: u32,
     /// Seconds between runs of the clearing daemon.
     pub daemon_sleep: u32,
+    /// `write_behind`, as the kernel's on-disk struct names it.
     pub write_behind: u32,
+    /// `sectors_reserved`, as the kernel's on-disk struct names it.
     pub sectors_reserved: u32,
+    /// `nodes`, as the kernel's on-disk struct names it.
     pub nodes: u32,
 }
 
 /// Why a bitmap was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BitmapError {
+    /// The buffer is shorter than needed.
     Short {
+        /// Bytes given.
         have: usize,
+        /// Bytes needed.
         need: u64,
     },
+    /// Not `BITMAP_MAGIC`.
     BadMagic(u32),
+    /// A version other than 3 or 4.
     BadVersion(u32),
     /// A field out of range (name, value).
     Field(&'static str, u64),

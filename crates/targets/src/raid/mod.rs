@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! `raid`: dm-raid's target, raid1 level: mirrored legs, each with dm-raid's superblock and an
 //! MD write-intent bitmap on its metadata device, so a leg set moves between stackbd and Linux.
 //!

@@ -40,20 +40,30 @@ pub mod bit {
 
 /// Load progress.
 pub mod load {
+    /// Nothing read yet.
     pub const UNLOADED: u8 = 0;
+    /// The metadata reads are in flight.
     pub const LOADING: u8 = 1;
+    /// Loaded: I/O goes.
     pub const READY: u8 = 2;
 }
 
 /// The background action, as `status` names it.
 pub mod action {
+    /// Nothing running.
     pub const IDLE: u8 = 0;
+    /// Background work stopped (`frozen`).
     pub const FROZEN: u8 = 1;
+    /// Copying regions a crash or `sync` marked.
     pub const RESYNC: u8 = 2;
+    /// Copying regions to legs coming back.
     pub const RECOVER: u8 = 3;
+    /// Comparing the legs (`check`).
     pub const CHECK: u8 = 4;
+    /// Comparing and fixing the legs (`repair`).
     pub const REPAIR: u8 = 5;
 
+    /// The word `status` prints for action `a`.
     pub fn name(a: u8) -> &'static str {
         match a {
             FROZEN => "frozen",
@@ -69,20 +79,28 @@ pub mod action {
 /// One leg: its devices (from the table) and its health.
 #[derive(Debug)]
 pub struct Leg {
+    /// The metadata device (superblock + bitmap), from the table; None for `-`.
     pub meta: Option<DevRef>,
+    /// The data device, from the table; None for `-` (a missing leg).
     pub data: Option<DevRef>,
+    /// Reads avoid this leg (`write_mostly <idx>`).
     pub write_mostly: bool,
+    /// The leg's health (a [`leg`] value); any reactor changes it with a CAS.
     pub state: AtomicU8,
 }
 
 /// State shared by every reactor and the control plane. See the module doc.
 #[derive(Debug)]
 pub struct Shared {
+    /// The legs in table order (fixed at construction).
     pub legs: Vec<Leg>,
     /// Data sectors (the target's length).
     pub len: u64,
+    /// log2 of the region size in sectors.
     pub region_shift: u32,
+    /// Regions (bitmap bits) covering the data.
     pub regions: u64,
+    /// Each region's bitmap state (a [`bit`] value).
     pub bits: Box<[AtomicU8]>,
     /// Writes (and resync copies) in flight per region.
     pub inflight: Box<[AtomicU32]>,
@@ -98,6 +116,7 @@ pub struct Shared {
     pub meta_token: AtomicBool,
     /// Raised on every leg failure; a batch records the value it covers in `durable_gen`.
     pub fail_gen: AtomicU64,
+    /// The `fail_gen` the last completed metadata batch covered.
     pub durable_gen: AtomicU64,
     /// A superblock update is wanted even without bit changes.
     pub sb_dirty: AtomicBool,
@@ -105,20 +124,25 @@ pub struct Shared {
     pub clear_pending: AtomicBool,
     /// Superblock events (raised per batch).
     pub events: AtomicU64,
+    /// Events of the last batch that cleared bits (bitmap `events_cleared`).
     pub events_cleared: AtomicU64,
+    /// Load progress (a [`load`] value).
     pub load: AtomicU8,
     /// The reactor that loaded the set and runs the daemon and the resync driver.
     pub home: AtomicUsize,
+    /// The background action (an [`action`] value), set by messages and the driver.
     pub action: AtomicU8,
     /// The driver should (re)start: set by messages, load, recovery.
     pub kick: AtomicBool,
-    pub driver_running: AtomicBool,
+    /// Sectors found different by the last `check`/`repair`.
     pub mismatches: AtomicU64,
     /// Regions copied by resync/recovery/repair since the table was loaded.
     pub copied_regions: AtomicU64,
     /// The region the driver is at (for progress).
     pub cursor: AtomicU64,
+    /// Every reactor's doorbell for this target (ringing all runs their `wake`).
     pub bells: ArcSwap<Vec<Doorbell>>,
+    /// The volume's name and event counter, set by `activate`.
     pub env: ArcSwapOption<TargetEnv>,
     /// Legs a `recover` (or start-up) made rebuild in full.
     pub full_rebuild: AtomicU64,
@@ -152,7 +176,6 @@ impl Shared {
             home: AtomicUsize::new(usize::MAX),
             action: AtomicU8::new(action::IDLE),
             kick: AtomicBool::new(false),
-            driver_running: AtomicBool::new(false),
             mismatches: AtomicU64::new(0),
             copied_regions: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
@@ -191,6 +214,7 @@ impl Shared {
         }
     }
 
+    /// Leg `i`'s health (a [`leg`] value).
     pub fn leg_state(&self, i: usize) -> u8 {
         self.legs[i].state.load(SeqCst)
     }

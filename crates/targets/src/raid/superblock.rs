@@ -29,8 +29,11 @@ pub const LEVEL_RAID1: u32 = 1;
 /// One leg's superblock, decoded. Plain data owned by the caller.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Superblock {
+    /// `compat_features`, as the kernel's on-disk struct names it.
     pub compat_features: u32,
+    /// `num_devices`, as the kernel's on-disk struct names it.
     pub num_devices: u32,
+    /// `array_position`, as the kernel's on-disk struct names it.
     pub array_position: u32,
     /// Raised on every superblock update; the leg with the highest count is the freshest.
     pub events: u64,
@@ -40,20 +43,33 @@ pub struct Superblock {
     pub disk_recovery_offset: u64,
     /// How far the array's resync got (sectors); `u64::MAX` when done.
     pub array_resync_offset: u64,
+    /// `level`, as the kernel's on-disk struct names it.
     pub level: u32,
+    /// `layout`, as the kernel's on-disk struct names it.
     pub layout: u32,
+    /// `stripe_sectors`, as the kernel's on-disk struct names it.
     pub stripe_sectors: u32,
+    /// `flags`, as the kernel's on-disk struct names it.
     pub flags: u32,
+    /// `reshape_position`, as the kernel's on-disk struct names it.
     pub reshape_position: u64,
+    /// `new_level`, as the kernel's on-disk struct names it.
     pub new_level: u32,
+    /// `new_layout`, as the kernel's on-disk struct names it.
     pub new_layout: u32,
+    /// `new_stripe_sectors`, as the kernel's on-disk struct names it.
     pub new_stripe_sectors: u32,
+    /// `delta_disks`, as the kernel's on-disk struct names it.
     pub delta_disks: u32,
+    /// `array_sectors`, as the kernel's on-disk struct names it.
     pub array_sectors: u64,
+    /// `data_offset`, as the kernel's on-disk struct names it.
     pub data_offset: u64,
+    /// `new_data_offset`, as the kernel's on-disk struct names it.
     pub new_data_offset: u64,
     /// Used device size in sectors.
     pub sectors: u64,
+    /// `incompat_features`, as the kernel's on-disk struct names it.
     pub incompat_features: u32,
 }
 

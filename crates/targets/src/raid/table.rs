@@ -25,12 +25,17 @@ pub struct RaidArgs {
     pub sync: Option<bool>,
     /// Legs to rebuild in full (bit per index).
     pub rebuild: u64,
+    /// `daemon_sleep_ms` from the table line (None: not given).
     pub daemon_sleep_ms: Option<u32>,
+    /// `min_recovery_rate` from the table line (None: not given).
     pub min_recovery_rate: Option<u32>,
+    /// `max_recovery_rate` from the table line (None: not given).
     pub max_recovery_rate: Option<u32>,
     /// Legs reads avoid (bit per index).
     pub write_mostly: u64,
+    /// `max_write_behind` from the table line (None: not given).
     pub max_write_behind: Option<u32>,
+    /// `region_size` from the table line (None: not given).
     pub region_size: Option<u32>,
     /// `(meta, data)` per leg; `None` for `-`.
     pub legs: Vec<(Option<String>, Option<String>)>,
