@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers and tools the integration tests drive: NBD clients and servers, fio, loop devices.
-packages=(fio libnbd-bin nbdkit qemu-utils fuse3 e2fsprogs python3-libnbd util-linux cryptsetup-bin python3-cryptography libssl-dev pkg-config openssl)
+packages=(fio libnbd-bin nbdkit qemu-utils fuse3 e2fsprogs python3-libnbd util-linux cryptsetup-bin python3-cryptography libssl-dev pkg-config openssl mdadm iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

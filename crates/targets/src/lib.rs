@@ -7,6 +7,7 @@ pub mod error;
 pub mod flakey;
 pub mod linear;
 pub mod multipath;
+pub mod raid;
 pub mod snapshot;
 pub mod striped;
 pub mod zero;
@@ -27,6 +28,7 @@ pub fn register_all(r: &mut TargetRegistry) {
     r.register("snapshot-origin", snapshot::Origin::ctor);
     r.register("snapshot", snapshot::Snapshot::ctor);
     r.register("snapshot-merge", snapshot::Merge::ctor);
+    r.register("raid", raid::Raid::ctor);
 }
 
 /// A registry with every built-in target.
