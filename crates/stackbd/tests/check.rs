@@ -285,7 +285,8 @@ fn zero_length_is_refused() {
 fn unknown_target_type_is_refused() {
     check(&volume("0 1024 linaer m0 0")).refused(&[
         "{path}:9: [volume.v]: table line 1: target: unknown target type 'linaer' (known: \
-         delay, dust, error, flakey, linear, multipath, striped, zero)",
+         crypt, delay, dust, error, flakey, linear, multipath, raid, snapshot, snapshot-merge, \
+         snapshot-origin, striped, zero)",
     ]);
 }
 
