@@ -17,10 +17,16 @@ fn exercise(dev: &[u8], size: u64) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if mode & 1 == 0 {
         // Raw bytes as the device; the claimed size may exceed what is there.
-        let claimed = if mode & 2 == 0 { rest.len() as u64 } else { 20 << 20 };
+        let claimed = if mode & 2 == 0 {
+            rest.len() as u64
+        } else {
+            20 << 20
+        };
         exercise(rest, claimed);
         return;
     }
@@ -35,11 +41,16 @@ fuzz_target!(|data: &[u8]| {
         subsystem: String::new(),
         hdr_offset: 0,
     };
-    let Ok(area) = build_copy(&bin, rest, HeaderCopy::Primary) else { return };
+    let Ok(area) = build_copy(&bin, rest, HeaderCopy::Primary) else {
+        return;
+    };
     let mut dev = vec![0u8; 17 << 20];
     dev[..area.len()].copy_from_slice(&area);
     if mode & 2 != 0 {
-        let second = BinHeader { hdr_offset: 16384, ..bin };
+        let second = BinHeader {
+            hdr_offset: 16384,
+            ..bin
+        };
         if let Ok(a2) = build_copy(&second, rest, HeaderCopy::Secondary) {
             dev[16384..16384 + a2.len()].copy_from_slice(&a2);
         }
