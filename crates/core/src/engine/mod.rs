@@ -113,9 +113,9 @@ pub struct VolumeInfo {
     pub name: String,
     pub dev: DevId,
     pub suspended: bool,
-    /// A suspend is draining the volume's in-flight I/O (new I/O is already held): since when
-    /// (wall clock) and for how long so far. `None` when no suspend is under way.
-    pub suspending: Option<(std::time::SystemTime, Duration)>,
+    /// A suspend is draining the volume's in-flight I/O (new I/O is already held): for how long
+    /// so far (monotonic). `None` when no suspend is under way.
+    pub suspending: Option<Duration>,
     /// A suspended volume's deadline: how long until it resumes by itself. `None` when it is
     /// not suspended, or suspended with no deadline.
     pub suspend_deadline: Option<Duration>,

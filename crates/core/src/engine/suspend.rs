@@ -22,14 +22,13 @@
 use super::{bounds, DevEntry, Engine, EngineError, Reactors, SuspendOpts, VolumeEntry};
 use crate::runtime::DrainWait;
 use crate::DevId;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// A suspend under way, as the volume records it.
 #[derive(Debug)]
 pub(super) struct Suspending {
     token: u64,
     since: Instant,
-    since_wall: SystemTime,
 }
 
 /// How the drain of a pending suspend is waited for.
@@ -140,7 +139,6 @@ impl Engine {
         self.volume_mut(id).suspending = Some(Suspending {
             token,
             since: started,
-            since_wall: SystemTime::now(),
         });
         tracing::info!(volume = %name, noflush, "suspending: new I/O held, in-flight I/O draining");
         Ok(SuspendStart::Pending(PendingSuspend {
@@ -243,11 +241,10 @@ impl Engine {
         }
     }
 
-    /// For `info`: since when a suspend drains (wall clock) and for how long so far.
-    pub(super) fn suspending_info(v: &VolumeEntry) -> Option<(SystemTime, Duration)> {
-        v.suspending
-            .as_ref()
-            .map(|s| (s.since_wall, s.since.elapsed()))
+    /// For `info`: how long a suspend has been draining (monotonic; callers that want a wall
+    /// clock instant subtract it from their own `SystemTime::now()`).
+    pub(super) fn suspending_info(v: &VolumeEntry) -> Option<Duration> {
+        v.suspending.as_ref().map(|s| s.since.elapsed())
     }
 
     /// For `info`: how long until a suspended volume resumes by itself.

@@ -115,6 +115,7 @@ impl Server {
     /// SIGSTOP: the server stalls (its listening socket still queues connections).
     pub fn stop(&self) {
         self.signal(libc::SIGSTOP);
+        wait_stopped(self.child.id());
     }
 
     /// SIGCONT after [`Server::stop`].
@@ -132,5 +133,32 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits until every thread of `pid` is stopped (a SIGSTOP takes effect asynchronously: a
+/// request sent right after `kill` may still be served).
+pub fn wait_stopped(pid: u32) {
+    let start = std::time::Instant::now();
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok).all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                        s.rsplit_once(')')
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                            .is_some_and(|st| st == "T" || st == "t")
+                    })
+                })
+            })
+            .unwrap_or(false);
+        if all {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -390,7 +390,10 @@ pub fn info_json(i: &VolumeInfo, exports: Vec<String>) -> Value {
         "targets": i.targets,
         "exports": exports,
     });
-    if let Some((since, running)) = i.suspending {
+    if let Some(running) = i.suspending {
+        let since = std::time::SystemTime::now()
+            .checked_sub(running)
+            .unwrap_or(std::time::UNIX_EPOCH);
         let unix = since
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
