@@ -871,18 +871,11 @@ pub fn build(cfg: &Config, reactor: ReactorConfig) -> Result<Built, ConfigErrors
 /// [`build`] into a given engine (one with reactor threads, for `serve` and `bench`), which
 /// should have no device yet whose name the config uses.
 pub fn build_on(cfg: &Config, engine: Engine) -> Result<Built, ConfigErrors> {
-    let mut cx = Cx {
-        path: cfg.path.as_deref(),
-        text: "",
-        lines: Lines::new(""),
-        errors: Vec::new(),
-        broken: BTreeSet::new(),
-    };
-    let built = build_in(cfg, &BTreeSet::new(), engine, &mut cx);
-    if cx.errors.is_empty() {
+    let (built, errors) = build_degraded(cfg, engine);
+    if errors.is_empty() {
         Ok(built)
     } else {
-        Err(sorted(cx.errors))
+        Err(errors)
     }
 }
 

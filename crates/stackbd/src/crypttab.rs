@@ -165,8 +165,6 @@ impl LuksDecl {
 pub struct Unlocked {
     pub params: CryptParams,
     pub key: VolumeKey,
-    /// What the header reader worked around (a damaged copy), to report.
-    pub warnings: Vec<String>,
 }
 
 /// Reads the LUKS header on `dev` and opens a key slot with `passphrase`. Blocks (reads, KDF).
@@ -182,11 +180,7 @@ pub fn unlock<D: ReadAt + ?Sized>(
     }
     let params = h.crypt_params().map_err(|e| e.to_string())?;
     let key = h.unlock(dev, passphrase, slot).map_err(|e| e.to_string())?;
-    Ok(Unlocked {
-        params,
-        key,
-        warnings: h.warnings().to_vec(),
-    })
+    Ok(Unlocked { params, key })
 }
 
 /// `0 <len> crypt <cipher> <key hex> <iv_offset> <device> <offset> [opts]` for a payload.
